@@ -1,0 +1,1 @@
+"""fastcore: XLA-compiled training steps with eager reference twins, fed by streaming tf.data."""

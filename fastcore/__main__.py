@@ -1,0 +1,5 @@
+import sys
+
+from fastcore.train import main
+
+sys.exit(main())

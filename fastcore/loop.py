@@ -1,0 +1,85 @@
+"""The training loop: compiled calls of K steps, evaluation at epoch ends, callbacks.
+
+Knows no dataset or model. Counting is in steps: a call of K steps may end inside an epoch or
+span several (full-batch tasks), and evaluation runs after the call in which an epoch ended.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from fastcore.meter import Meter
+
+
+class Callback:
+    """Hooks the loop calls; progress, summaries and checkpoints subclass it."""
+
+    def on_train_begin(self, loop: "Loop") -> None: ...
+    def on_call_end(self, loop: "Loop", loss: tf.Tensor) -> None: ...
+    def on_epoch_end(self, loop: "Loop", logs: dict) -> None: ...
+    def on_train_end(self, loop: "Loop") -> None: ...
+
+
+@dataclasses.dataclass
+class Loop:
+    step: object                     # fastcore.step.Step
+    train_batches: tf.data.Dataset   # infinite; [B,...] batches, or [K,B,...] when steps_per_call > 1
+    eval_batches: tf.data.Dataset | None
+    total_steps: int
+    steps_per_epoch: int
+    steps_per_call: int
+    batch_size: int
+    callbacks: list = dataclasses.field(default_factory=list)
+    steps_done: int = 0
+    history: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.meter = Meter(self.batch_size * self.steps_per_call, self.steps_per_call)
+        self.train_fn = self.step.train_many if self.steps_per_call > 1 else self.step.train_one
+
+    @property
+    def calls(self) -> int:
+        return -(-self.total_steps // self.steps_per_call)
+
+    @property
+    def epoch(self) -> float:
+        return self.steps_done / self.steps_per_epoch
+
+    def run(self) -> list[dict]:
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        iterator = iter(self.train_batches)
+        losses = []   # tensors; read once per epoch, never per call
+        for call in range(self.calls):
+            x, y = self.meter.timed_next(iterator)
+            loss = self.meter.timed_call(self.train_fn, x, y)
+            epochs_before = self.steps_done // self.steps_per_epoch
+            self.steps_done += self.steps_per_call
+            losses.append(loss)
+            for cb in self.callbacks:
+                cb.on_call_end(self, loss)
+            if self.steps_done // self.steps_per_epoch > epochs_before or call == self.calls - 1:
+                self._end_epoch(losses)
+                losses = []
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.history
+
+    def _end_epoch(self, losses: list) -> None:
+        logs = {"epoch": round(self.epoch, 3), "steps": self.steps_done,
+                "train_loss": float(tf.reduce_mean(tf.stack(losses)))}
+        if self.eval_batches is not None:
+            logs.update(evaluate(self.step, self.eval_batches))
+        self.history.append(logs)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, logs)
+
+
+def evaluate(step, batches: tf.data.Dataset) -> dict:
+    """Mean loss and metric over every example exactly once (padding has weight 0)."""
+    totals = tf.zeros([3])
+    for x, y, w in batches:
+        totals += step.evaluate(x, y, w)
+    loss_sum, metric_sum, count = totals.numpy().tolist()
+    return {"eval_loss": loss_sum / count, f"eval_{step.metric_name}": metric_sum / count}

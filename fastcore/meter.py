@@ -1,0 +1,50 @@
+"""Throughput: steady-state examples/s, step time, share of time waiting for input, compile time.
+
+Timed per compiled call from the host. TensorFlow runs a function call synchronously on the CPU,
+so the wall time of a call is its compute time; the first call also traces and compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+
+@dataclasses.dataclass
+class Meter:
+    examples_per_call: int
+    steps_per_call: int
+    wait: list[float] = dataclasses.field(default_factory=list)     # seconds in next(iterator)
+    compute: list[float] = dataclasses.field(default_factory=list)  # seconds in the compiled call
+
+    def timed_next(self, iterator):
+        start = time.perf_counter()
+        batch = next(iterator)
+        self.wait.append(time.perf_counter() - start)
+        return batch
+
+    def timed_call(self, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.compute.append(time.perf_counter() - start)
+        return out
+
+    @property
+    def calls(self) -> int:
+        return len(self.compute)
+
+    def report(self) -> dict:
+        """Figures for summary.json; the first call (trace + compile) is kept out of steady state."""
+        if not self.compute:
+            return {}
+        steady = self.compute[1:] or self.compute
+        steady_wait = self.wait[1:len(self.compute)] or self.wait[:1]
+        steady_total = sum(steady) + sum(steady_wait)
+        median_call = statistics.median(steady)
+        return {
+            "examples_per_sec": self.examples_per_call * len(steady) / steady_total,
+            "step_time_ms": 1000 * median_call / self.steps_per_call,
+            "input_wait_share": sum(steady_wait) / steady_total,
+            "compile_seconds": max(self.compute[0] - median_call, 0.0),
+            "compiled_calls": self.calls,
+        }

@@ -1,0 +1,96 @@
+"""The training and evaluation step: one Python function each, compiled or run eagerly.
+
+`train_step` is the only place a gradient is taken. The compiled step (XLA or plain graph) and the
+eager reference twin both call it, so they cannot drift apart by construction. `train_steps`
+walks K stacked batches inside one call: a tf.data iterator cannot live inside an XLA graph, and
+one compiled call per K steps removes K-1 Python round trips.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import tensorflow as tf
+
+from fastcore import objectives
+
+MODES = ("xla", "graph", "eager")
+
+
+@dataclasses.dataclass
+class TraceLedger:
+    """How often each compiled function was traced, and with which input signature."""
+    signatures: dict[str, list[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+    def record(self, name: str, *tensors) -> None:
+        self.signatures[name].append(", ".join(f"{t.dtype.name}{t.shape.as_list()}" for t in tensors))
+
+    def count(self, name: str) -> int:
+        return len(self.signatures[name])
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(sigs) for name, sigs in self.signatures.items()}
+
+
+class Step:
+    """Train/eval steps for one (model, objective, optimizer); `mode` picks how they run."""
+
+    def __init__(self, model, loss: str, metric: str, optimizer, *, keras_free: bool,
+                 global_batch_size: int, mode: str = "xla"):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.loss_fn = objectives.per_example_loss(loss, keras_free)
+        self.metric_fn = objectives.per_example_metric(metric)
+        self.metric_name = metric
+        self.global_batch_size = global_batch_size
+        self.ledger = TraceLedger()
+        # Optimizer slots must exist before the first trace: variables cannot be created inside XLA.
+        self.optimizer.build(model.trainable_variables)
+        self.train_one = self._compile(self._trace_counted("train", self.train_step))
+        self.train_many = self._compile(self._trace_counted("train", self.train_steps))
+        self.evaluate = self._compile(self._trace_counted("eval", self.eval_step))
+
+    def train_step(self, x, y):
+        """One optimizer step on one batch; returns the loss (data loss + regularization)."""
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            out = tf.cast(self.model(x, training=True), tf.float32)
+            # Sum / global batch (not mean): stays right when tf.distribute splits the batch.
+            loss = tf.reduce_sum(self.loss_fn(y, out)) / self.global_batch_size
+            regularization = self.model.losses
+            if regularization:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(regularization))
+            # A no-op for plain optimizers; the dynamic loss scale under LossScaleOptimizer (float16).
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    def train_steps(self, xs, ys):
+        """K optimizer steps over stacked batches xs [K, B, ...]; returns the mean loss."""
+        k = tf.shape(xs)[0]
+        total = tf.constant(0.0)
+        for i in tf.range(k):
+            total += self.train_step(xs[i], ys[i])
+        return total / tf.cast(k, tf.float32)
+
+    def eval_step(self, x, y, w):
+        """[weighted loss sum, weighted metric sum, weight sum] for one padded batch (w=0 on padding)."""
+        out = tf.cast(self.model(x, training=False), tf.float32)
+        return tf.stack([tf.reduce_sum(self.loss_fn(y, out) * w),
+                         tf.reduce_sum(self.metric_fn(y, out) * w),
+                         tf.reduce_sum(w)])
+
+    def _trace_counted(self, name, fn):
+        def counted(*args):
+            if not tf.executing_eagerly():   # Python runs here only while tracing
+                self.ledger.record(name, *args)
+            return fn(*args)
+        counted.__name__ = fn.__name__
+        return counted
+
+    def _compile(self, fn):
+        if self.mode == "eager":
+            return fn
+        return tf.function(fn, jit_compile=self.mode == "xla")
