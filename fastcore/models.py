@@ -166,6 +166,11 @@ class ModuleMLP(tf.Module):
         return h
 
     @property
+    def trainable_variables(self) -> tuple[tf.Variable, ...]:
+        """Layer order (kernel, bias, kernel, ...) like Keras, not tf.Module's order by attribute name."""
+        return tuple(v for pair in zip(self.kernels, self.biases) for v in pair)
+
+    @property
     def losses(self) -> list[tf.Tensor]:
         """L2 terms, `l2 * sum(w**2)` per kernel: the same definition as keras.regularizers.L2."""
         if not self.reg.l2:

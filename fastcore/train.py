@@ -21,12 +21,19 @@ Exit codes: 0 done, 1 --verify failed, 2 bad input.
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; a user needs the one line that says what is wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     from fastcore.models import MODEL_APIS
     from fastcore.precision import CHOICES
     from fastcore.tasks import TASKS
 
-    p = argparse.ArgumentParser(prog="fastcore-train", description="Train a built-in task with XLA-compiled steps "
+    p = OneLineParser(prog="fastcore-train", description="Train a built-in task with XLA-compiled steps "
                                 "fed by a streaming tf.data pipeline, checked against the eager twin.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", "--task", dest="task", required=True, choices=list(TASKS), metavar="NAME",

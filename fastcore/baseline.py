@@ -1,0 +1,55 @@
+"""Keras `model.fit` on the same task, model, data and machine: the yardstick for speed and accuracy."""
+from __future__ import annotations
+
+import time
+
+import keras
+import tensorflow as tf
+
+from fastcore import models, tasks
+from fastcore.run import Plan
+
+
+def _keras_objective(task: tasks.Task):
+    loss = {"mse": keras.losses.MeanSquaredError(),
+            "softmax_ce": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "sigmoid_ce": keras.losses.BinaryCrossentropy(from_logits=True)}[task.loss]
+    metric = {"mse": keras.metrics.MeanSquaredError(name="mse"),
+              "accuracy": keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+              "binary_accuracy": keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0)}[task.metric]
+    return loss, metric
+
+
+def keras_fit(p: Plan, jit_compile: bool = True, steps_per_execution: int = 1) -> dict:
+    """Train p's model with `fit` (Keras-functional, p's precision) and evaluate it like fastcore does."""
+    keras.utils.set_random_seed(p.config.seed)
+    model = models.build(p.task.model, "keras-functional", models.Regularization(p.config.l2, p.config.dropout),
+                         p.precision.policy, p.precision.compute_dtype, p.config.seed)
+    loss, metric = _keras_objective(p.task)
+    model.compile(optimizer=tasks.make_optimizer(p.task.optimizer, p.learning_rate, p.precision.loss_scaling),
+                  loss=loss, metrics=[metric], jit_compile=jit_compile, steps_per_execution=steps_per_execution)
+    train = (tf.data.Dataset.from_tensor_slices((p.train.x, p.train.y)).cache()
+             .shuffle(len(p.train.x), seed=p.config.seed).batch(p.batch_size, drop_remainder=True)
+             .prefetch(tf.data.AUTOTUNE))
+    epochs = p.total_steps // p.steps_per_epoch
+    timer = _EpochTimer()
+    model.fit(train, epochs=epochs, verbose=0, callbacks=[timer])
+    steady = timer.seconds[1:] or timer.seconds   # the first epoch traces and compiles
+    seconds = sum(steady)
+    epochs = len(steady)
+    results = model.evaluate(p.eval.x, p.eval.y, batch_size=1024, verbose=0, return_dict=True)
+    return {"examples_per_sec": epochs * p.steps_per_epoch * p.batch_size / seconds,
+            "eval": {"loss": results["loss"], p.task.metric: results[p.task.metric]},
+            "model": model}
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)

@@ -1,0 +1,12 @@
+"""Running real configurations in-process (the CLI's code path without the process start-up)."""
+from __future__ import annotations
+
+import io
+
+from fastcore import run, session
+
+
+def train(task: str, data_dir: str | None = None, **flags):
+    """Train `task` with CLI-equivalent flags; returns (summary, step)."""
+    plan = run.plan(run.RunConfig(task, data_dir=data_dir, **flags))
+    return session.train_and_summarize(plan, out=io.StringIO())
