@@ -33,7 +33,7 @@ def keras_fit(p: Plan, jit_compile: bool = True, steps_per_execution: int = 1) -
              .prefetch(tf.data.AUTOTUNE))
     epochs = p.total_steps // p.steps_per_epoch
     timer = _EpochTimer()
-    model.fit(train, epochs=epochs, verbose=0, callbacks=[timer])
+    model.fit(train, epochs=epochs, verbose=0, shuffle=False, callbacks=[timer])
     steady = timer.seconds[1:] or timer.seconds   # the first epoch traces and compiles
     seconds = sum(steady)
     epochs = len(steady)

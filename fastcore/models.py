@@ -148,8 +148,8 @@ class ModuleMLP(tf.Module):
         self.dropout_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="dropout_counter")
 
     def _activation(self, x):
-        if self.spec.activation == "relu":
-            return tf.maximum(x, tf.zeros_like(x))
+        if self.spec.activation == "relu":   # where, not maximum: maximum's gradient at a tie is path-dependent
+            return tf.where(x > 0, x, tf.zeros_like(x))
         # elu; exp of the clipped input keeps the untaken branch finite (no NaN gradients)
         return tf.where(x > 0, x, tf.exp(tf.minimum(x, tf.zeros_like(x))) - 1)
 

@@ -8,7 +8,7 @@ import sys
 
 import pipelines
 from fastcore import atomic, run, verify
-from fastcore.progress import Progress, format_logs
+from fastcore.progress import Progress
 
 
 def config_from_args(args: argparse.Namespace) -> run.RunConfig:
@@ -64,7 +64,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"verify failed; nothing trained. Details: {path}", file=sys.stderr)
         return 1
     print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
-          f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps; "
-          f"final: {format_logs(summary['history'][-1])}", flush=True)
+          f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
     print(f"summary: {path}", flush=True)
     return 0
