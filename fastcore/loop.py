@@ -12,6 +12,14 @@ import tensorflow as tf
 from fastcore.meter import Meter
 
 
+class NonFiniteLoss(Exception):
+    """Training produced a NaN or Inf; the update of that step (and any after it) was not applied."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the loss or a gradient was not finite at step {step}")
+        self.step = step
+
+
 class Callback:
     """Hooks the loop calls; progress, summaries and checkpoints subclass it."""
 
@@ -54,6 +62,9 @@ class Loop:
         for call in range(self.calls):
             x, y = self.meter.timed_next(iterator)
             loss = self.meter.timed_call(self.train_fn, x, y)
+            bad_step = int(self.step.first_non_finite_step.numpy())   # one scalar per call, not per step
+            if bad_step >= 0:
+                raise NonFiniteLoss(bad_step)
             epochs_before = self.steps_done // self.steps_per_epoch
             self.steps_done += self.steps_per_call
             losses.append(loss)

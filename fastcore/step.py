@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import keras
 import tensorflow as tf
 
 from fastcore import objectives
@@ -45,6 +46,11 @@ class Step:
         self.metric_name = metric
         self.global_batch_size = global_batch_size
         self.ledger = TraceLedger()
+        self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        # Steps taken (skipped ones included) and the first step whose loss or gradient was not
+        # finite (-1: none). Both live in the graph, so the loop reads them once per call, not per step.
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps")
+        self.first_non_finite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
         # Optimizer slots must exist before the first trace: variables cannot be created inside XLA.
         self.optimizer.build(model.trainable_variables)
         self.train_one = self._compile(self._trace_counted("train", self.train_step))
@@ -64,8 +70,34 @@ class Step:
             # A no-op for plain optimizers; the dynamic loss scale under LossScaleOptimizer (float16).
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.steps.assign_add(1)
+        if self.loss_scaling:   # LossScaleOptimizer skips non-finite steps itself and lowers the scale
+            self.optimizer.apply_gradients(zip(grads, variables))
+        else:
+            self._apply_if_finite(loss, grads, variables)
         return loss
+
+    def _apply_if_finite(self, loss, grads, variables):
+        """Apply only while every step so far was finite: a NaN never reaches the weights."""
+        finite = tf.math.is_finite(loss)
+        for g in grads:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+        healthy = self.first_non_finite_step < 0
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return tf.constant(True)
+
+        def skip():
+            self.first_non_finite_step.assign(tf.where(healthy, self.steps, self.first_non_finite_step))
+            return tf.constant(False)
+
+        tf.cond(tf.logical_and(finite, healthy), apply, skip)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was not applied (float16 overflow skips, or after a non-finite step)."""
+        return int(self.steps.numpy()) - int(self.optimizer.iterations.numpy())
 
     def train_steps(self, xs, ys):
         """K optimizer steps over stacked batches xs [K, B, ...]; returns the mean loss."""
