@@ -45,10 +45,7 @@ class Loop:
     def __post_init__(self):
         self.meter = Meter(self.batch_size * self.steps_per_call, self.steps_per_call)
         self.train_fn = self.step.train_many if self.steps_per_call > 1 else self.step.train_one
-
-    @property
-    def calls(self) -> int:
-        return -(-self.total_steps // self.steps_per_call)
+        self.iterator = iter(self.train_batches)   # an attribute, so a checkpoint can save its position
 
     @property
     def epoch(self) -> float:
@@ -57,10 +54,9 @@ class Loop:
     def run(self) -> list[dict]:
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        iterator = iter(self.train_batches)
         losses = []   # tensors; read once per epoch, never per call
-        for call in range(self.calls):
-            x, y = self.meter.timed_next(iterator)
+        while self.steps_done < self.total_steps:   # a resumed run starts past 0
+            x, y = self.meter.timed_next(self.iterator)
             loss = self.meter.timed_call(self.train_fn, x, y)
             bad_step = int(self.step.first_non_finite_step.numpy())   # one scalar per call, not per step
             if bad_step >= 0:
@@ -70,16 +66,19 @@ class Loop:
             losses.append(loss)
             for cb in self.callbacks:
                 cb.on_call_end(self, loss)
-            if self.steps_done // self.steps_per_epoch > epochs_before or call == self.calls - 1:
+            if self.steps_done // self.steps_per_epoch > epochs_before or self.steps_done >= self.total_steps:
                 self._end_epoch(losses)
                 losses = []
+        if not self.history:
+            self._end_epoch(losses)
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.history
 
     def _end_epoch(self, losses: list) -> None:
-        logs = {"epoch": round(self.epoch, 3), "steps": self.steps_done,
-                "train_loss": float(tf.reduce_mean(tf.stack(losses)))}
+        logs = {"epoch": round(self.epoch, 3), "steps": self.steps_done}
+        if losses:   # none when a resumed run had nothing left to do
+            logs["train_loss"] = float(tf.reduce_mean(tf.stack(losses)))
         if self.eval_batches is not None:
             logs.update(evaluate(self.step, self.eval_batches))
         self.history.append(logs)

@@ -19,3 +19,11 @@ def silence_native_logs() -> None:
     os.dup2(sink, 2)
     os.close(sink)
     sys.stderr = os.fdopen(real_stderr, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+
+
+def silence_python_logs() -> None:
+    """TensorFlow's Python logger warns about things the CLI reports itself (retracing, unrestored
+    checkpoint values after a refused resume); the CLI's own lines are the interface."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")

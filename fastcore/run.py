@@ -40,6 +40,10 @@ class RunConfig:
     run_name: str | None = None
     train_split: str | None = None
     eval_split: str | None = None
+    checkpoint_dir: str | None = None   # default: <run_dir>/checkpoints
+    checkpoint_every: int | None = None  # steps; default: one epoch
+    resume: bool = False
+    deterministic: bool = False
 
 
 @dataclasses.dataclass
@@ -59,6 +63,10 @@ class Plan:
     @property
     def run_dir(self) -> str:
         return os.path.join(self.config.logdir, self.config.run_name or default_run_name(self.config))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.config.checkpoint_dir or os.path.join(self.run_dir, "checkpoints")
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -104,7 +112,8 @@ def plan(config: RunConfig) -> Plan:
 
 def _check_positive(config: RunConfig) -> None:
     for flag, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size),
-                        ("--learning-rate", config.learning_rate), ("--steps-per-call", config.steps_per_call)):
+                        ("--learning-rate", config.learning_rate), ("--steps-per-call", config.steps_per_call),
+        ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} {value} must be positive")
     if config.verify < 0:

@@ -7,7 +7,11 @@ import os
 import sys
 
 import pipelines
-from fastcore import atomic, run, verify
+import tensorflow as tf
+
+from fastcore import atomic, quiet, run, verify
+from fastcore.checkpoint import CheckpointMismatch, Checkpoints
+from fastcore.loop import NonFiniteLoss
 from fastcore.progress import Progress
 
 
@@ -37,17 +41,27 @@ def train_and_summarize(p: run.Plan, out=sys.stdout) -> tuple[dict, object]:
         summary["verify"] = report.to_json()
         if not report.passed:
             return summary, None
+    if p.config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     step = run.build_step(p, p.precision, p.config.mode)
-    loop = run.make_loop(p, step, [Progress(out=out)])
-    history = loop.run()
+    checkpoints = Checkpoints(p.checkpoint_dir, p.config.checkpoint_every or p.steps_per_epoch, p.config.resume)
+    loop = run.make_loop(p, step, [checkpoints, Progress(out=out)])
+    try:
+        history = loop.run()
+    except NonFiniteLoss as e:
+        summary["non_finite"] = {"step": e.step, "last_good_checkpoint": checkpoints.latest}
+        return summary, step
     final = history[-1]
-    summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final["train_loss"],
+    summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
                     "eval": {k[len("eval_"):]: v for k, v in final.items() if k.startswith("eval_")},
-                    "traces": step.ledger.counts(), "history": history})
+                    "skipped_steps": step.skipped_steps, "traces": step.ledger.counts(),
+                    "checkpoint": checkpoints.latest, "resumed_from": checkpoints.restored_from,
+                    "history": history})
     return summary, step
 
 
 def main(args: argparse.Namespace) -> int:
+    quiet.silence_python_logs()
     config = config_from_args(args)
     try:
         p = run.plan(config)
@@ -57,13 +71,29 @@ def main(args: argparse.Namespace) -> int:
     print(f"{p.task.name}: {len(p.train.x):,} train ({p.train.source}), {len(p.eval.x):,} eval ({p.eval.source}); "
           f"{config.model_api}, {config.mode}, {p.precision.name} ({p.precision.reason}), "
           f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
-    summary, _ = train_and_summarize(p)
+    if config.resume and not tf.train.latest_checkpoint(p.checkpoint_dir):
+        print(f"--resume: no checkpoint in {p.checkpoint_dir} yet; starting from step 0", flush=True)
+    try:
+        summary, _ = train_and_summarize(p)
+    except CheckpointMismatch as e:
+        print(f"fastcore-train: error: {e}", file=sys.stderr)
+        return 2
     path = os.path.join(p.run_dir, "summary.json")
     atomic.write_json(path, summary)
     if "verify" in summary and not summary["verify"]["passed"]:
         print(f"verify failed; nothing trained. Details: {path}", file=sys.stderr)
         return 1
-    print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
-          f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
+    if "non_finite" in summary:
+        bad = summary["non_finite"]
+        print(f"fastcore-train: stopped: the loss or a gradient was NaN/Inf at step {bad['step']}; no update from it "
+              f"was applied; last good checkpoint: {bad['last_good_checkpoint'] or 'none saved yet'}", file=sys.stderr)
+        return 3
+    if summary["resumed_from"]:
+        print(f"resumed from {summary['resumed_from']}", flush=True)
+    if summary["skipped_steps"]:
+        print(f"{summary['skipped_steps']} steps skipped by the float16 loss scaler (non-finite gradients)", flush=True)
+    if "examples_per_sec" in summary:
+        print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
+              f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
     print(f"summary: {path}", flush=True)
     return 0

@@ -1,6 +1,7 @@
 """Command line: `python -m fastcore.train --dataset higgs --xla`.
 
-Exit codes: 0 done, 1 `--verify` failed, 2 bad input (one line on stderr, no traceback).
+Exit codes: 0 done, 1 `--verify` failed, 2 bad input (one line on stderr, no traceback),
+3 the loss or a gradient became NaN/Inf (the run stops; the last checkpoint holds good weights).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ examples:
 
 Local data: --data-dir or $FASTCORE_DATA_DIR names a folder holding mnist/, fashion-mnist/ and
 higgs/ (IDX .gz files; a UCI-layout HIGGS.csv.gz), or one such folder itself.
-Exit codes: 0 done, 1 --verify failed, 2 bad input.
+Exit codes: 0 done, 1 --verify failed, 2 bad input, 3 the loss or a gradient became NaN/Inf.
 """
 
 
@@ -68,6 +69,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and dropout (default: 0)")
     p.add_argument("--logdir", default="profiles", help="parent of run directories (default: %(default)s)")
     p.add_argument("--run-name", help="run directory name under --logdir (default: built from the flags)")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: <logdir>/<run-name>/checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save a checkpoint every N steps, at the next call end (default: every epoch); "
+                   "one is always saved at the end; the last 3 are kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the checkpoint dir (same flags as the first run)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="turn on TensorFlow op determinism: a resumed run then ends bit-identical to an "
+                   "uninterrupted one")
     return p
 
 

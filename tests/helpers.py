@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import io
+import tempfile
 
 from fastcore import run, session
 
 
 def train(task: str, data_dir: str | None = None, **flags):
-    """Train `task` with CLI-equivalent flags; returns (summary, step)."""
+    """Train `task` with CLI-equivalent flags (run directory in a temp folder); returns (summary, step)."""
+    flags.setdefault("logdir", tempfile.mkdtemp(prefix="fastcore-test-"))
     plan = run.plan(run.RunConfig(task, data_dir=data_dir, **flags))
     return session.train_and_summarize(plan, out=io.StringIO())

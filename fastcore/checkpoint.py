@@ -1,0 +1,61 @@
+"""Checkpoints: model variables, optimizer, step counter, dropout RNG state and the data iterator.
+
+Saved with tf.train.Checkpoint through a CheckpointManager (keeps the last few). A save writes
+its files first and only then rewrites the manager's `checkpoint` index (atomically), so a crash
+during a save leaves the previous checkpoint the latest usable one.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from fastcore.loop import Callback, Loop
+
+
+class CheckpointMismatch(Exception):
+    """The checkpoint to resume from was written by a run with another model, optimizer or data pipeline."""
+
+
+class Checkpoints(Callback):
+    """Saves every `every_steps` steps (at the next call end) and at the end; restores on resume."""
+
+    def __init__(self, directory: str, every_steps: int, resume: bool, keep: int = 3):
+        self.directory, self.every_steps, self.resume, self.keep = directory, every_steps, resume, keep
+        self.restored_from: str | None = None
+
+    def attach(self, loop: Loop) -> None:
+        step = loop.step
+        # The model's variables as a list: Keras 3 models are not tracked as checkpoint children,
+        # and a list also covers the Keras-free tf.Module (weights and dropout RNG state alike).
+        self.checkpoint = tf.train.Checkpoint(model=list(step.model.variables), optimizer=step.optimizer,
+                                              steps=step.steps, data=loop.iterator)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.keep)
+
+    @property
+    def latest(self) -> str | None:
+        return self.manager.latest_checkpoint
+
+    def on_train_begin(self, loop: Loop) -> None:
+        self.attach(loop)
+        if self.resume and self.latest:
+            try:
+                self.checkpoint.restore(self.latest).assert_consumed()
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointMismatch(f"cannot resume from {self.latest}: it does not match this run's flags "
+                                         f"({first_line[:200]}); resume with the flags of the run that wrote it, "
+                                         f"or use another --checkpoint-dir") from e
+            self.restored_from = self.latest
+            loop.steps_done = int(loop.step.steps.numpy())
+        self.saved_at = loop.steps_done
+
+    def on_call_end(self, loop: Loop, loss) -> None:
+        if loop.steps_done // self.every_steps > self.saved_at // self.every_steps:
+            self.save(loop)
+
+    def on_train_end(self, loop: Loop) -> None:
+        if self.saved_at != loop.steps_done:
+            self.save(loop)
+
+    def save(self, loop: Loop) -> None:
+        self.manager.save(checkpoint_number=loop.steps_done)
+        self.saved_at = loop.steps_done
