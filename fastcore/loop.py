@@ -24,6 +24,7 @@ class Callback:
     """Hooks the loop calls; progress, summaries and checkpoints subclass it."""
 
     def on_train_begin(self, loop: "Loop") -> None: ...
+    def on_call_begin(self, loop: "Loop") -> None: ...   # before the call's batch is fetched
     def on_call_end(self, loop: "Loop", loss: tf.Tensor) -> None: ...
     def on_epoch_end(self, loop: "Loop", logs: dict) -> None: ...
     def on_train_end(self, loop: "Loop") -> None: ...
@@ -56,6 +57,8 @@ class Loop:
             cb.on_train_begin(self)
         losses = []   # tensors; read once per epoch, never per call
         while self.steps_done < self.total_steps:   # a resumed run starts past 0
+            for cb in self.callbacks:
+                cb.on_call_begin(self)
             x, y = self.meter.timed_next(self.iterator)
             loss = self.meter.timed_call(self.train_fn, x, y)
             bad_step = int(self.step.first_non_finite_step.numpy())   # one scalar per call, not per step

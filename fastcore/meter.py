@@ -16,6 +16,7 @@ class Meter:
     steps_per_call: int
     wait: list[float] = dataclasses.field(default_factory=list)     # seconds in next(iterator)
     compute: list[float] = dataclasses.field(default_factory=list)  # seconds in the compiled call
+    excluded: set[int] = dataclasses.field(default_factory=set)     # calls kept out of steady state (profiled)
 
     def timed_next(self, iterator):
         start = time.perf_counter()
@@ -37,8 +38,10 @@ class Meter:
         """Figures for summary.json; the first call (trace + compile) is kept out of steady state."""
         if not self.compute:
             return {}
-        steady = self.compute[1:] or self.compute
-        steady_wait = self.wait[1:len(self.compute)] or self.wait[:1]
+        # Steady state: every call but the first (trace + compile) and the profiled ones (tracing slows them).
+        kept = [i for i in range(1, len(self.compute)) if i not in self.excluded] or range(1, len(self.compute)) or [0]
+        steady = [self.compute[i] for i in kept]
+        steady_wait = [self.wait[i] for i in kept]
         steady_total = sum(steady) + sum(steady_wait)
         median_call = statistics.median(steady)
         return {
@@ -47,4 +50,5 @@ class Meter:
             "input_wait_share": sum(steady_wait) / steady_total,
             "compile_seconds": max(self.compute[0] - median_call, 0.0),
             "compiled_calls": self.calls,
+            "steady_calls": len(steady),
         }

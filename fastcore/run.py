@@ -11,7 +11,7 @@ import os
 import keras
 
 import pipelines
-from fastcore import models, tasks
+from fastcore import models, profiling, tasks
 from fastcore.loop import Loop
 from fastcore.precision import Precision, resolve
 from fastcore.step import Step
@@ -44,6 +44,8 @@ class RunConfig:
     checkpoint_every: int | None = None  # steps; default: one epoch
     resume: bool = False
     deterministic: bool = False
+    profile_steps: str | None = None    # "A:B": profiler trace of steps A..B (from 1), see fastcore.profiling
+    summary_every: int | None = None    # compiled calls between TensorBoard scalar writes (default 1)
 
 
 @dataclasses.dataclass
@@ -89,6 +91,8 @@ def plan(config: RunConfig) -> Plan:
         raise UsageError(f"--l2 {config.l2} is negative: use 0 for none or a small positive weight like 1e-3")
     if config.model_api not in models.MODEL_APIS:
         raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(models.MODEL_APIS)}")
+    for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir)):
+        _check_writable(flag, folder)
     precision = resolve(config.precision, xla=config.mode == "xla")
     train = pipelines.load(task.dataset, config.train_split or task.train_split, config.data_dir, config.seed)
     evaluation = pipelines.load(task.dataset, config.eval_split or task.eval_split, config.data_dir, config.seed)
@@ -105,9 +109,13 @@ def plan(config: RunConfig) -> Plan:
         # (one step per epoch) group steps across epochs instead.
         span = steps_per_epoch if steps_per_epoch > 1 else total_steps
         steps_per_call = largest_divisor_at_most(span, task.steps_per_call)
+    total_steps = math.ceil(total_steps / steps_per_call) * steps_per_call
+    try:
+        profiling.check_config(config, total_steps)
+    except profiling.UsageError as e:
+        raise UsageError(str(e)) from None
     return Plan(config, task, precision, train, evaluation, batch_size,
-                config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call,
-                math.ceil(total_steps / steps_per_call) * steps_per_call)
+                config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call, total_steps)
 
 
 def _check_positive(config: RunConfig) -> None:
@@ -118,6 +126,19 @@ def _check_positive(config: RunConfig) -> None:
             raise UsageError(f"{flag} {value} must be positive")
     if config.verify < 0:
         raise UsageError(f"--verify {config.verify} must be a number of steps >= 0")
+
+
+def _check_writable(flag: str, folder: str | None) -> None:
+    """Fail before training, not after it: the nearest existing ancestor must be a writable folder."""
+    if folder is None:
+        return
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: {existing} is not writable; choose another {flag}")
 
 
 def build_step(p: Plan, precision: Precision, mode: str) -> Step:

@@ -9,7 +9,7 @@ import sys
 import pipelines
 import tensorflow as tf
 
-from fastcore import atomic, quiet, run, verify
+from fastcore import atomic, profiling, quiet, run, verify
 from fastcore.checkpoint import CheckpointMismatch, Checkpoints
 from fastcore.loop import NonFiniteLoss
 from fastcore.progress import Progress
@@ -45,7 +45,8 @@ def train_and_summarize(p: run.Plan, out=sys.stdout) -> tuple[dict, object]:
         tf.config.experimental.enable_op_determinism()
     step = run.build_step(p, p.precision, p.config.mode)
     checkpoints = Checkpoints(p.checkpoint_dir, p.config.checkpoint_every or p.steps_per_epoch, p.config.resume)
-    loop = run.make_loop(p, step, [checkpoints, Progress(out=out)])
+    observer = profiling.Observer(p)   # TensorBoard scalars, the --profile-steps trace
+    loop = run.make_loop(p, step, [*observer.callbacks, checkpoints, Progress(out=out)])
     try:
         history = loop.run()
     except NonFiniteLoss as e:
@@ -57,6 +58,7 @@ def train_and_summarize(p: run.Plan, out=sys.stdout) -> tuple[dict, object]:
                     "skipped_steps": step.skipped_steps, "traces": step.ledger.counts(),
                     "checkpoint": checkpoints.latest, "resumed_from": checkpoints.restored_from,
                     "history": history})
+    summary.update(observer.report(step, loop, summary))
     return summary, step
 
 
@@ -95,5 +97,8 @@ def main(args: argparse.Namespace) -> int:
     if "examples_per_sec" in summary:
         print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
               f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
+    print("\n".join(profiling.final_lines(summary)), flush=True)
+    if profiling.retrace_warning(summary):
+        print(profiling.retrace_warning(summary), file=sys.stderr, flush=True)
     print(f"summary: {path}", flush=True)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 
 import keras
 import tensorflow as tf
@@ -18,19 +19,43 @@ from fastcore import objectives
 MODES = ("xla", "graph", "eager")
 
 
+def describe_argument(value) -> str:
+    """`float32[500, 28]` for a tensor; type and value for anything else (each new value retraces)."""
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"{tf.as_dtype(value.dtype).name}{tf.TensorShape(value.shape).as_list()}"
+    return f"{type(value).__name__} {value!r}"
+
+
 @dataclasses.dataclass
 class TraceLedger:
-    """How often each compiled function was traced, and with which input signature."""
-    signatures: dict[str, list[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    """How often each compiled function was traced, and with which input signature (one entry per argument)."""
+    signatures: dict[str, list[tuple[str, ...]]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    arg_names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
-    def record(self, name: str, *tensors) -> None:
-        self.signatures[name].append(", ".join(f"{t.dtype.name}{t.shape.as_list()}" for t in tensors))
+    def record(self, name: str, *args, names: tuple[str, ...] = ()) -> None:
+        self.signatures[name].append(tuple(describe_argument(a) for a in args))
+        if names:
+            self.arg_names[name] = tuple(names)
 
     def count(self, name: str) -> int:
         return len(self.signatures[name])
 
     def counts(self) -> dict[str, int]:
         return {name: len(sigs) for name, sigs in self.signatures.items()}
+
+    def retraces(self) -> list[str]:
+        """One line per trace after a function's first: which arguments changed from the trace before."""
+        lines = []
+        for name, sigs in self.signatures.items():
+            labels = self.arg_names.get(name, ())
+            for n, (before, after) in enumerate(zip(sigs, sigs[1:]), start=2):
+                changed = [f"{labels[i] if i < len(labels) else f'argument {i}'}: {a} -> {b}"
+                           for i, (a, b) in enumerate(zip(before, after)) if a != b]
+                if len(before) != len(after):
+                    changed.append(f"{len(before)} -> {len(after)} arguments")
+                lines.append(f"{name} traced {n} times: " + ("; ".join(changed) or
+                             f"same arguments ({', '.join(after)}): a new tf.function or changed Python state"))
+        return lines
 
 
 class Step:
@@ -115,9 +140,11 @@ class Step:
                          tf.reduce_sum(w)])
 
     def _trace_counted(self, name, fn):
+        names = tuple(inspect.signature(fn).parameters)
+
         def counted(*args):
             if not tf.executing_eagerly():   # Python runs here only while tracing
-                self.ledger.record(name, *args)
+                self.ledger.record(name, *args, names=names)
             return fn(*args)
         counted.__name__ = fn.__name__
         return counted

@@ -69,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and dropout (default: 0)")
     p.add_argument("--logdir", default="profiles", help="parent of run directories (default: %(default)s)")
     p.add_argument("--run-name", help="run directory name under --logdir (default: built from the flags)")
+    p.add_argument("--profile-steps", metavar="A:B",
+                   help="profiler trace of steps A to B (from 1, inclusive; whole compiled calls) into "
+                   "<logdir>/<run-name>/plugins/profile: view with tensorboard --logdir <logdir>, Profile tab")
+    p.add_argument("--summary-every", type=int, metavar="N",
+                   help="write TensorBoard scalars every N compiled calls and at the last (default: 1)")
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default: <logdir>/<run-name>/checkpoints)")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="save a checkpoint every N steps, at the next call end (default: every epoch); "
@@ -83,7 +88,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     quiet.silence_native_logs()
-    args = parser().parse_args(argv)
+    return run_cli(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Parse and run; the exit code is returned, not raised (so tests can call it in-process)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:   # --help (0) or a malformed command line (2, already explained)
+        return e.code
     from fastcore import session   # imports TensorFlow: after the arguments are known to be well-formed
     return session.main(args)
 

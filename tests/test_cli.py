@@ -21,7 +21,8 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ["--dataset", "--data-dir", "--epochs", "--batch-size", "--learning-rate", "--model-api", "--xla",
                  "--no-xla", "--eager", "--precision", "--steps-per-call", "--verify", "--l2", "--dropout", "--seed",
-                 "--logdir", "--run-name", "--train-split", "--eval-split", "FASTCORE_DATA_DIR"]:
+                 "--logdir", "--run-name", "--train-split", "--eval-split", "FASTCORE_DATA_DIR",
+                 "--profile-steps", "--summary-every"]:
         assert flag in result.stdout, flag
 
 
@@ -40,7 +41,8 @@ def test_a_run_prints_progress_and_writes_its_summary(data_dir, tmp_path):
     assert summary["task"] == "higgs" and summary["xla"] is True and summary["steps"] == 8
     assert summary["traces"] == {"train": 1, "eval": 1}
     assert 0 < summary["eval"]["binary_accuracy"] <= 1 and summary["examples_per_sec"] > 0
-    assert [p.name for p in (tmp_path / "r1").iterdir()] == ["summary.json"]   # no temp file left
+    assert not [p for p in (tmp_path / "r1").rglob("*") if p.name.endswith(".tmp")]   # no temp file left
+    assert (tmp_path / "r1" / "summary.json").is_file() and list((tmp_path / "r1").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,226 @@
+"""TensorBoard for every run: scalars, a profiler trace of a window of steps, and the run's utilisation.
+
+Everything lands in the run directory (`<logdir>/<run-name>`), which TensorBoard shows as one run:
+  - event files (`events.out.tfevents.*`): the scalars below;
+  - `plugins/profile/<session>/<host>.xplane.pb`: the trace of `--profile-steps A:B` (Profile tab).
+
+Scalars, written from tensors the loop already has (no `.numpy()`, so no host sync per step):
+  train/loss              mean loss of the steps in a compiled call, every `--summary-every` calls and the last
+  train/learning_rate     the optimizer's learning rate, same calls
+  train/loss_scale        the dynamic loss scale (float16 only), same calls
+  perf/examples_per_sec   examples of the call / (input wait + call time), every written call but the first
+  perf/step_time_ms       call time / steps per call, same calls (the first holds the trace and compile)
+  train/epoch_loss, eval/loss, eval/<metric>   once per epoch (the values the epoch line prints)
+The x axis is the optimizer step (`loop.steps_done`), so K-step calls and resumed runs line up.
+
+Steps are counted from 1: `--profile-steps 2:4` traces the compiled calls that run steps 2, 3 and 4
+(with K steps per call, the whole calls that contain them). Each traced call gets a profiler step
+marker (`Trace("train", step_num=<first step of the call>, _r=1)`) that spans fetching its batch and
+the call, so the Profile tab's step-time and input-pipeline views work. Traced calls are slower and
+are kept out of the steady-state figures in summary.json.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+import tensorflow as tf
+
+from fastcore import calibrate
+from fastcore.loop import Callback, Loop
+
+WINDOW = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class UsageError(ValueError):
+    """A bad --profile-steps / --summary-every value; fastcore.run turns it into its own UsageError."""
+
+
+def parse_window(text: str, total_steps: int | None = None) -> tuple[int, int]:
+    """`A:B` -> (A, B), the first and last step (from 1, inclusive) to trace; raises UsageError."""
+    match = WINDOW.match(text or "")
+    if not match:
+        raise UsageError(f"--profile-steps {text!r} is not A:B: give the first and last step to trace, e.g. 2:4")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 1 <= first <= last:
+        raise UsageError(f"--profile-steps {text}: need 1 <= A <= B (steps count from 1), e.g. 2:4")
+    if total_steps is not None and last > total_steps:
+        raise UsageError(f"--profile-steps {text} ends after the run's last step ({total_steps}): use B <= {total_steps}")
+    return first, last
+
+
+def check_config(config, total_steps: int) -> None:
+    """Validate this module's flags against the plan; raises UsageError (one line)."""
+    if config.profile_steps is not None:
+        parse_window(config.profile_steps, total_steps)
+    if config.summary_every is not None and config.summary_every <= 0:
+        raise UsageError(f"--summary-every {config.summary_every} must be positive (compiled calls between summaries)")
+
+
+class Scalars(Callback):
+    """TensorBoard scalars under `run_dir`; see the module docstring for the tags."""
+
+    def __init__(self, run_dir: str, every: int = 1):
+        self.run_dir, self.every = run_dir, max(1, every)
+        self.writer = None
+
+    def on_train_begin(self, loop: Loop) -> None:
+        self.writer = tf.summary.create_file_writer(self.run_dir)
+        self.calls = 0
+
+    def on_call_end(self, loop: Loop, loss) -> None:
+        index, self.calls = self.calls, self.calls + 1
+        if self.calls % self.every and loop.steps_done < loop.total_steps:
+            return
+        optimizer = loop.step.optimizer
+        with self.writer.as_default(step=loop.steps_done):
+            tf.summary.scalar("train/loss", loss)
+            tf.summary.scalar("train/learning_rate", tf.convert_to_tensor(optimizer.learning_rate))
+            if getattr(loop.step, "loss_scaling", False):
+                tf.summary.scalar("train/loss_scale", tf.convert_to_tensor(optimizer.dynamic_scale))
+            if index > 0:   # the first call of a run traces and compiles
+                meter = loop.meter
+                compute, wait = meter.compute[-1], meter.wait[-1]   # host timings of this call, no sync
+                tf.summary.scalar("perf/examples_per_sec", meter.examples_per_call / (compute + wait))
+                tf.summary.scalar("perf/step_time_ms", 1000 * compute / meter.steps_per_call)
+
+    def on_epoch_end(self, loop: Loop, logs: dict) -> None:
+        with self.writer.as_default(step=loop.steps_done):
+            if "train_loss" in logs:
+                tf.summary.scalar("train/epoch_loss", logs["train_loss"])
+            for key, value in logs.items():
+                if key.startswith("eval_"):
+                    tf.summary.scalar(f"eval/{key[len('eval_'):]}", value)
+        self.writer.flush()   # TensorBoard sees each epoch as it ends
+
+    def on_train_end(self, loop: Loop) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def profile_sessions(run_dir: str) -> list[str]:
+    """Profile session folders (`plugins/profile/<session>`) under a run directory, oldest first."""
+    root = os.path.join(run_dir, "plugins", "profile")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+class ProfileWindow(Callback):
+    """Profiler trace of the calls covering steps first..last (from 1, inclusive), with step markers."""
+
+    def __init__(self, run_dir: str, first: int, last: int):
+        self.run_dir, self.first, self.last = run_dir, first, last
+        self.active = self.done = False
+        self.trace = None
+        self.session_dir: str | None = None
+        self.traced_steps: list[int] = []   # first step of each traced call
+
+    def on_call_begin(self, loop: Loop) -> None:
+        first_step, last_step = loop.steps_done + 1, loop.steps_done + loop.steps_per_call
+        if not self.active and not self.done and first_step <= self.last and last_step >= self.first:
+            self.before = set(profile_sessions(self.run_dir))
+            tf.profiler.experimental.start(self.run_dir)
+            self.active = True
+        if self.active:
+            loop.meter.excluded.add(loop.meter.calls)   # this call's index in the meter
+            self.traced_steps.append(first_step)
+            # The marker starts on creation: it spans the batch fetch and the call.
+            self.trace = tf.profiler.experimental.Trace("train", step_num=first_step, _r=1)
+
+    def on_call_end(self, loop: Loop, loss) -> None:
+        if self.trace is not None:
+            self.trace.__exit__(None, None, None)
+            self.trace = None
+        if self.active and loop.steps_done >= self.last:
+            self.stop()
+
+    def on_train_end(self, loop: Loop) -> None:
+        if self.active:
+            self.stop()
+
+    def stop(self) -> None:
+        tf.profiler.experimental.stop()
+        self.active, self.done = False, True
+        new = [d for d in profile_sessions(self.run_dir) if d not in self.before]
+        self.session_dir = new[-1] if new else None
+
+
+class Observer:
+    """The run's TensorBoard callbacks, and its utilisation / trace report for summary.json."""
+
+    def __init__(self, plan):
+        config = plan.config
+        self.plan = plan
+        self.scalars = Scalars(plan.run_dir, config.summary_every or 1)
+        self.window = None
+        if config.profile_steps:
+            self.window = ProfileWindow(plan.run_dir, *parse_window(config.profile_steps))
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return [self.window, self.scalars] if self.window else [self.scalars]
+
+    def report(self, step, loop: Loop, meter_report: dict) -> dict:
+        """Fields for summary.json: utilisation, peak, trace ledger, where the scalars and trace are."""
+        p = self.plan
+        view = f"tensorboard --logdir {shlex.quote(p.config.logdir)}"
+        out = {"flops_per_example": calibrate.dense_flops_per_example(p.task.model)}
+        if "examples_per_sec" in meter_report:
+            dtype, path = p.precision.name, calibrate.path_of(p.config.mode)
+            peak, cached = calibrate.peak_gflops(dtype, path)
+            achieved = out["flops_per_example"] * meter_report["examples_per_sec"] / 1e9
+            threads = calibrate.threads()
+            out.update({"achieved_gflops": achieved, "utilisation": achieved / peak,
+                        "peak": {"gflops": peak, "dtype": dtype, "path": path, "cached": cached, "threads": threads,
+                                 "measured_by": f"{calibrate.SIZE}x{calibrate.SIZE} {dtype} matmul on {path}, "
+                                                f"1 thread, x {threads} threads",
+                                 "cache": calibrate.cache_path()}})
+        retraces = step.ledger.retraces()
+        counts = step.ledger.counts()
+        out.update({
+            "retraced": bool(retraces), "retraces": retraces,
+            # XLA compiles each trace of a jit_compile function once for its (fixed) input shapes; the
+            # runtime's own counter (/tensorflow/core/xla_compilations) is not readable from Python.
+            "xla_compilations": counts if p.config.mode == "xla" else {name: 0 for name in counts},
+            "scalars": {"dir": p.run_dir, "view": view},
+        })
+        if self.window:
+            out["profile"] = {"steps": [self.window.first, self.window.last], "dir": self.window.session_dir,
+                              "traced_calls_first_steps": self.window.traced_steps, "view": f"{view}  (Profile tab)"}
+        return out
+
+
+def final_lines(summary: dict) -> list[str]:
+    """The run's closing lines (after examples/s): utilisation, traces, where to look in TensorBoard."""
+    lines = []
+    if "utilisation" in summary:
+        peak = summary["peak"]
+        lines.append(f"utilisation {100 * summary['utilisation']:.0f}%: {summary['achieved_gflops']:,.1f} GFLOP/s "
+                     f"({summary['flops_per_example'] / 1e6:.2f} MFLOP/example) of {peak['gflops']:,.0f} GFLOP/s "
+                     f"peak ({peak['dtype']} {peak['path']} matmul, {'cached' if peak['cached'] else 'measured now'}); "
+                     f"step {summary['step_time_ms']:.2f} ms")
+    if "traces" in summary:
+        traces = ", ".join(f"{k} {v}" for k, v in summary["traces"].items())
+        compiles = ", ".join(f"{k} {v}" for k, v in summary.get("xla_compilations", {}).items())
+        lines.append(f"traces: {traces}; XLA compilations: {compiles}; "
+                     f"{'RETRACED (see stderr)' if summary.get('retraced') else 'no retrace'}")
+    if "scalars" in summary:
+        lines.append(f"scalars: {summary['scalars']['dir']}  view: {summary['scalars']['view']}")
+    if "profile" in summary:
+        prof = summary["profile"]
+        a, b = prof["steps"]
+        if prof["dir"]:
+            lines.append(f"profile of steps {a}-{b}: {prof['dir']}  view: {prof['view']}")
+        else:
+            lines.append(f"profile of steps {a}-{b}: not written (the run did not execute those steps)")
+    return lines
+
+
+def retrace_warning(summary: dict) -> str | None:
+    """The loud stderr line for a run whose compiled functions traced more than once."""
+    if not summary.get("retraced"):
+        return None
+    return ("fastcore-train: WARNING: RETRACED (each retrace re-compiles; the steady-state figures include it): "
+            + " | ".join(summary["retraces"]))
