@@ -28,13 +28,10 @@ import shlex
 import tensorflow as tf
 
 from fastcore import calibrate
+from fastcore.errors import UsageError
 from fastcore.loop import Callback, Loop
 
 WINDOW = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-class UsageError(ValueError):
-    """A bad --profile-steps / --summary-every value; fastcore.run turns it into its own UsageError."""
 
 
 def parse_window(text: str, total_steps: int | None = None) -> tuple[int, int]:

@@ -12,13 +12,10 @@ import keras
 
 import pipelines
 from fastcore import models, profiling, tasks
+from fastcore.errors import UsageError
 from fastcore.loop import Loop
 from fastcore.precision import Precision, resolve
 from fastcore.step import Step
-
-
-class UsageError(Exception):
-    """A flag value the run cannot honour; one line that names it and the fix (exit code 2)."""
 
 
 @dataclasses.dataclass
@@ -110,10 +107,7 @@ def plan(config: RunConfig) -> Plan:
         span = steps_per_epoch if steps_per_epoch > 1 else total_steps
         steps_per_call = largest_divisor_at_most(span, task.steps_per_call)
     total_steps = math.ceil(total_steps / steps_per_call) * steps_per_call
-    try:
-        profiling.check_config(config, total_steps)
-    except profiling.UsageError as e:
-        raise UsageError(str(e)) from None
+    profiling.check_config(config, total_steps)
     return Plan(config, task, precision, train, evaluation, batch_size,
                 config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call, total_steps)
 
