@@ -8,7 +8,9 @@ from fastcore.loop import Callback, Loop
 
 
 def format_logs(logs: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+    """`epoch 3  steps 750  train_loss 0.3120 ...`: epochs as counted (fractional when calls span epochs)."""
+    return "  ".join(f"{k} {v:g}" if k == "epoch" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in logs.items())
 
 
 class Progress(Callback):
