@@ -2,53 +2,63 @@
 
 Timed per compiled call from the host. TensorFlow runs a function call synchronously on the CPU,
 so the wall time of a call is its compute time; the first call also traces and compiles.
+Memory stays flat however long the run: running sums, and the last `RECENT` call times for the median.
 """
 from __future__ import annotations
 
-import dataclasses
+import collections
 import statistics
 import time
 
+RECENT = 4096
 
-@dataclasses.dataclass
+
 class Meter:
-    examples_per_call: int
-    steps_per_call: int
-    wait: list[float] = dataclasses.field(default_factory=list)     # seconds in next(iterator)
-    compute: list[float] = dataclasses.field(default_factory=list)  # seconds in the compiled call
-    excluded: set[int] = dataclasses.field(default_factory=set)     # calls kept out of steady state (profiled)
+    def __init__(self, examples_per_call: int, steps_per_call: int):
+        self.examples_per_call, self.steps_per_call = examples_per_call, steps_per_call
+        self.calls = 0
+        self.first_call = 0.0                       # trace + compile + run of call 0
+        self.last_wait = self.last_compute = 0.0    # the latest call's timings (for per-call scalars)
+        self.steady_calls, self.steady_wait, self.steady_compute = 0, 0.0, 0.0
+        self.recent = collections.deque(maxlen=RECENT)
+        self._exclude_next = False
+
+    def exclude_next_call(self) -> None:
+        """Keep the next call out of steady state (a profiled call runs slower)."""
+        self._exclude_next = True
 
     def timed_next(self, iterator):
         start = time.perf_counter()
         batch = next(iterator)
-        self.wait.append(time.perf_counter() - start)
+        self.last_wait = time.perf_counter() - start
         return batch
 
     def timed_call(self, fn, *args):
         start = time.perf_counter()
         out = fn(*args)
-        self.compute.append(time.perf_counter() - start)
+        self.last_compute = time.perf_counter() - start
+        if self.calls == 0:
+            self.first_call = self.last_compute + self.last_wait
+        elif not self._exclude_next:
+            self.steady_calls += 1
+            self.steady_wait += self.last_wait
+            self.steady_compute += self.last_compute
+            self.recent.append(self.last_compute)
+        self.calls += 1
+        self._exclude_next = False
         return out
 
-    @property
-    def calls(self) -> int:
-        return len(self.compute)
-
     def report(self) -> dict:
-        """Figures for summary.json; the first call (trace + compile) is kept out of steady state."""
-        if not self.compute:
-            return {}
-        # Steady state: every call but the first (trace + compile) and the profiled ones (tracing slows them).
-        kept = [i for i in range(1, len(self.compute)) if i not in self.excluded] or range(1, len(self.compute)) or [0]
-        steady = [self.compute[i] for i in kept]
-        steady_wait = [self.wait[i] for i in kept]
-        steady_total = sum(steady) + sum(steady_wait)
-        median_call = statistics.median(steady)
+        """Figures for summary.json; with no steady-state call yet, only what is known."""
+        if not self.steady_calls:
+            return {"compiled_calls": self.calls, "steady_calls": 0, "first_call_seconds": self.first_call}
+        total = self.steady_wait + self.steady_compute
+        median_call = statistics.median(self.recent)
         return {
-            "examples_per_sec": self.examples_per_call * len(steady) / steady_total,
+            "examples_per_sec": self.examples_per_call * self.steady_calls / total,
             "step_time_ms": 1000 * median_call / self.steps_per_call,
-            "input_wait_share": sum(steady_wait) / steady_total,
-            "compile_seconds": max(self.compute[0] - median_call, 0.0),
+            "input_wait_share": self.steady_wait / total,
+            "compile_seconds": max(self.first_call - median_call, 0.0),
             "compiled_calls": self.calls,
-            "steady_calls": len(steady),
+            "steady_calls": self.steady_calls,
         }

@@ -78,7 +78,7 @@ class Scalars(Callback):
                 tf.summary.scalar("train/loss_scale", tf.convert_to_tensor(optimizer.dynamic_scale))
             if index > 0:   # the first call of a run traces and compiles
                 meter = loop.meter
-                compute, wait = meter.compute[-1], meter.wait[-1]   # host timings of this call, no sync
+                compute, wait = meter.last_compute, meter.last_wait   # host timings of this call, no sync
                 tf.summary.scalar("perf/examples_per_sec", meter.examples_per_call / (compute + wait))
                 tf.summary.scalar("perf/step_time_ms", 1000 * compute / meter.steps_per_call)
 
@@ -121,7 +121,7 @@ class ProfileWindow(Callback):
             tf.profiler.experimental.start(self.run_dir)
             self.active = True
         if self.active:
-            loop.meter.excluded.add(loop.meter.calls)   # this call's index in the meter
+            loop.meter.exclude_next_call()
             self.traced_steps.append(first_step)
             # The marker starts on creation: it spans the batch fetch and the call.
             self.trace = tf.profiler.experimental.Trace("train", step_num=first_step, _r=1)

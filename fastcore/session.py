@@ -97,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
     if "examples_per_sec" in summary:
         print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
               f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
+    elif "first_call_seconds" in summary:
+        print(f"{summary['steps']} steps in one compiled call ({summary['first_call_seconds']:.2f} s with compile): "
+              f"too short for a steady-state throughput figure", flush=True)
     print("\n".join(profiling.final_lines(summary)), flush=True)
     if profiling.retrace_warning(summary):
         print(profiling.retrace_warning(summary), file=sys.stderr, flush=True)
