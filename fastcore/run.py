@@ -115,7 +115,7 @@ def plan(config: RunConfig) -> Plan:
 def _check_positive(config: RunConfig) -> None:
     for flag, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size),
                         ("--learning-rate", config.learning_rate), ("--steps-per-call", config.steps_per_call),
-        ("--checkpoint-every", config.checkpoint_every)):
+                        ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} {value} must be positive")
     if config.verify < 0:
