@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 
 import keras
-import tensorflow as tf
 
+import pipelines
 from fastcore import models, tasks
 from fastcore.run import Plan
 
@@ -20,25 +20,31 @@ def _keras_objective(task: tasks.Task):
     return loss, metric
 
 
-def keras_fit(p: Plan, jit_compile: bool = True, steps_per_execution: int = 1) -> dict:
-    """Train p's model with `fit` (Keras-functional, p's precision) and evaluate it like fastcore does."""
+def keras_fit(p: Plan, jit_compile: bool = True, steps_per_execution: int = 1, *,
+              epochs: int | None = None, steps_per_epoch: int | None = None) -> dict:
+    """Train p's model with `fit` (Keras-functional, p's precision) and evaluate it like fastcore does.
+
+    `fit` reads the very batches fastcore's step reads (pipelines.train_stream, one iterator for the
+    whole run), so the comparison is of the training step, not of two input pipelines. `epochs` and
+    `steps_per_epoch` default to the plan's; benchmarks pass longer "epochs" to time steady state.
+    """
     keras.utils.set_random_seed(p.config.seed)
     model = models.build(p.task.model, "keras-functional", models.Regularization(p.config.l2, p.config.dropout),
                          p.precision.policy, p.precision.compute_dtype, p.config.seed)
     loss, metric = _keras_objective(p.task)
     model.compile(optimizer=tasks.make_optimizer(p.task.optimizer, p.learning_rate, p.precision.loss_scaling),
                   loss=loss, metrics=[metric], jit_compile=jit_compile, steps_per_execution=steps_per_execution)
-    train = (tf.data.Dataset.from_tensor_slices((p.train.x, p.train.y)).cache()
-             .shuffle(len(p.train.x), seed=p.config.seed).batch(p.batch_size, drop_remainder=True)
-             .prefetch(tf.data.AUTOTUNE))
-    epochs = p.total_steps // p.steps_per_epoch
+    train = pipelines.train_stream(p.train, p.batch_size, p.config.seed)
+    steps_per_epoch = steps_per_epoch or p.steps_per_epoch
+    epochs = epochs or p.total_steps // p.steps_per_epoch
     timer = _EpochTimer()
-    model.fit(train, epochs=epochs, verbose=0, shuffle=False, callbacks=[timer])
+    model.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False, callbacks=[timer])
     steady = timer.seconds[1:] or timer.seconds   # the first epoch traces and compiles
-    seconds = sum(steady)
-    epochs = len(steady)
     results = model.evaluate(p.eval.x, p.eval.y, batch_size=1024, verbose=0, return_dict=True)
-    return {"examples_per_sec": epochs * p.steps_per_epoch * p.batch_size / seconds,
+    examples = steps_per_epoch * p.batch_size
+    return {"examples_per_sec": len(steady) * examples / sum(steady),
+            "epoch_examples_per_sec": [examples / s for s in steady],
+            "compile_seconds": max(timer.seconds[0] - min(steady), 0.0),
             "eval": {"loss": results["loss"], p.task.metric: results[p.task.metric]},
             "model": model}
 

@@ -73,7 +73,7 @@ def cpu_model() -> str:
 
 def machine_key() -> str:
     import tensorflow as tf
-    return f"{cpu_model()} | {os.cpu_count()} cpus | tensorflow {tf.__version__}"
+    return f"{cpu_model()} | {os.cpu_count()} cpus | tensorflow {tf.__version__} | fastcore.models.matmul"
 
 
 def measure(dtype: str, path: str, size: int = SIZE, budget: float = BUDGET_SECONDS) -> float:
@@ -81,7 +81,8 @@ def measure(dtype: str, path: str, size: int = SIZE, budget: float = BUDGET_SECO
     import tensorflow as tf
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}: choose one of {', '.join(PATHS)}")
-    matmul = tf.function(lambda a, b: tf.matmul(a, b), jit_compile=path == "xla")
+    from fastcore.models import matmul as model_matmul   # the op the models run (bf16 under XLA: f32 accumulation)
+    matmul = tf.function(model_matmul, jit_compile=path == "xla")
     a = tf.cast(tf.random.stateless_uniform([size, size], seed=[1, 2]), dtype)
     b = tf.cast(tf.random.stateless_uniform([size, size], seed=[3, 4]), dtype)
     matmul(a, b).numpy()   # trace + compile, and warm the caches
@@ -150,6 +151,18 @@ def peaks(pairs: list[tuple[str, str]], refresh: bool = False) -> dict[str, tupl
             out[name] = (gflops * n, False)
         atomic.write_json(cache_path(), data)
     return out
+
+
+def cached(name: str):
+    """A value stored under `name` for this machine, or None."""
+    return _load().get(machine_key(), {}).get(name)
+
+
+def store(name: str, value) -> None:
+    """Store `value` under `name` for this machine (atomic rewrite of the cache file)."""
+    data = _load()
+    data.setdefault(machine_key(), {})[name] = value
+    atomic.write_json(cache_path(), data)
 
 
 def _child(args: list[str]) -> int:

@@ -33,24 +33,15 @@ class Precision:
         return self.name == "float16"
 
 
-def cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+BF16_GAIN = 1.5   # bfloat16 must beat float32 by this much on the run's path: it costs precision
 
 
 def resolve(name: str, xla: bool) -> Precision:
-    """Pick the precision; `auto` decides from the hardware and the compile path.
+    """Pick the precision; `auto` decides from the machine's measured matmul peaks on the run's path.
 
-    On this class of CPU, XLA does not emit AMX/oneDNN bf16 kernels: a bf16 step under XLA ran
-    slower than float32 (41k vs 47k HIGGS examples/s), while a plain tf.function bf16 step reached
-    AMX through oneDNN (76k). So `auto` takes bfloat16 only where the graph is not XLA-compiled.
+    The peaks are fastcore.calibrate's (cached per machine). Here, an AMD EPYC with AVX512_BF16 and
+    no AMX, 1024^2 per thread: graph (oneDNN) bfloat16 ~1.8x float32, XLA bfloat16 ~0.9x. XLA on
+    CPU does not reach AMX either: on a Xeon with AMX, oneDNN bfloat16 ran 1,402 GFLOP/s, XLA 297.
     """
     if name not in CHOICES:
         raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(CHOICES)}")
@@ -58,9 +49,11 @@ def resolve(name: str, xla: bool) -> Precision:
         return Precision(name, "requested")
     if tf.config.list_physical_devices("GPU"):
         return Precision("float16", "auto: a GPU is present (float16 with dynamic loss scaling)")
-    amx = "amx_bf16" in cpu_flags()
-    if amx and not xla:
-        return Precision("bfloat16", "auto: CPU has AMX-BF16 and the step is not XLA-compiled (oneDNN uses AMX)")
-    if amx:
-        return Precision("float32", "auto: XLA on CPU does not use AMX, so bfloat16 would be slower than float32")
-    return Precision("float32", "auto: no GPU and no AMX-BF16 on this CPU")
+    from fastcore import calibrate
+    path = "xla" if xla else "graph"
+    peaks = calibrate.peaks([("float32", path), ("bfloat16", path)])
+    f32, bf16 = peaks[f"float32/{path}"][0], peaks[f"bfloat16/{path}"][0]
+    measured = f"{path} matmul peak bfloat16 {bf16:.0f} vs float32 {f32:.0f} GFLOP/s"
+    if bf16 >= BF16_GAIN * f32:
+        return Precision("bfloat16", f"auto: {measured}, >= {BF16_GAIN:g}x")
+    return Precision("float32", f"auto: {measured}, under the {BF16_GAIN:g}x that pays for bfloat16's precision")

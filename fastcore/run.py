@@ -11,7 +11,7 @@ import os
 import keras
 
 import pipelines
-from fastcore import models, profiling, tasks
+from fastcore import autoprecision, models, profiling, tasks
 from fastcore.errors import UsageError
 from fastcore.loop import Loop
 from fastcore.precision import Precision, resolve
@@ -108,8 +108,9 @@ def plan(config: RunConfig) -> Plan:
         steps_per_call = largest_divisor_at_most(span, task.steps_per_call)
     total_steps = math.ceil(total_steps / steps_per_call) * steps_per_call
     profiling.check_config(config, total_steps)
-    return Plan(config, task, precision, train, evaluation, batch_size,
-                config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call, total_steps)
+    p = Plan(config, task, precision, train, evaluation, batch_size,
+             config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call, total_steps)
+    return dataclasses.replace(p, precision=autoprecision.confirm(p))
 
 
 def _check_positive(config: RunConfig) -> None:

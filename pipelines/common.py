@@ -85,6 +85,10 @@ def _options():
 
     options = tf.data.Options()
     options.deterministic = True
+    # Each gather runs on its tf.data thread instead of splitting into the intra-op pool the
+    # compiled step uses. MNIST MLP B=32 K=50, XLA, ex/s vs the same step on one reused batch
+    # (196k): 199k with this, 191k without; AUTOTUNE prefetch 186k, depth 8 178k.
+    options.threading.max_intra_op_parallelism = 1
     # The gathers read the data variables, which never change: a checkpoint of the iterator can
     # leave their state out (the default policy refuses to save a pipeline with stateful ops).
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE

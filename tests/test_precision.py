@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fastcore import precision, run
+from fastcore import calibrate, precision, run
 
 
 def test_explicit_choices_map_to_keras_policies():
@@ -13,12 +13,16 @@ def test_explicit_choices_map_to_keras_policies():
     assert f16.policy == "mixed_float16" and f16.loss_scaling
 
 
-def test_auto_says_why():
-    choice = precision.resolve("auto", xla=True)
-    assert choice.name in ("float32", "bfloat16", "float16") and choice.reason.startswith("auto:")
-    if "amx_bf16" in precision.cpu_flags() and not tf.config.list_physical_devices("GPU"):
-        assert choice.name == "float32"                                   # XLA on CPU: no AMX
-        assert precision.resolve("auto", xla=False).name == "bfloat16"   # oneDNN graph: AMX
+@pytest.mark.parametrize("xla", [True, False])
+def test_auto_follows_the_measured_peaks_and_says_why(xla):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU machine takes float16 without measuring")   # the CPU path is what CI runs
+    path = "xla" if xla else "graph"
+    peaks = calibrate.peaks([("float32", path), ("bfloat16", path)])
+    f32, bf16 = peaks[f"float32/{path}"][0], peaks[f"bfloat16/{path}"][0]
+    choice = precision.resolve("auto", xla=xla)
+    assert choice.name == ("bfloat16" if bf16 >= precision.BF16_GAIN * f32 else "float32")
+    assert choice.reason.startswith("auto:") and f"{bf16:.0f}" in choice.reason and f"{f32:.0f}" in choice.reason
 
 
 def test_unknown_precision_is_refused():
@@ -41,3 +45,21 @@ def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
     after = [v.numpy() for v in step.model.trainable_variables]
     assert all(np.array_equal(a, b) for a, b in zip(before, after)), "a non-finite step changed the weights"
     assert float(step.optimizer.dynamic_scale) == scale / 2
+
+
+def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch):
+    """When the matmul peaks propose bfloat16, the faster of the two timed steps wins."""
+    from fastcore import autoprecision
+    monkeypatch.setattr(run, "resolve", lambda name, xla: precision.Precision("bfloat16", "auto: peaks say so"))
+    config = run.RunConfig("mnist", data_dir=data_dir, train_split="test[:640]", eval_split="test[640:700]",
+                           steps_per_call=4)
+    timed = run.plan(config)    # measures both steps for real and caches the rates
+    rates = calibrate.cached("step/mnist/keras-functional/b32/k4/xla")
+    assert set(rates) == {"float32", "bfloat16"} and all(r > 0 for r in rates.values())
+    assert timed.precision.name == ("bfloat16" if rates["bfloat16"] >= autoprecision.MARGIN * rates["float32"]
+                                    else "float32")
+    assert "ex/s in bfloat16" in timed.precision.reason
+    calibrate.store("step/mnist/keras-functional/b32/k4/xla", {"float32": 1.0, "bfloat16": 2.0})
+    assert run.plan(config).precision.name == "bfloat16"
+    calibrate.store("step/mnist/keras-functional/b32/k4/xla", {"float32": 2.0, "bfloat16": 1.0})
+    assert run.plan(config).precision.name == "float32"
