@@ -14,7 +14,6 @@ import tensorflow as tf
 
 import pipelines
 from fastcore import baseline, calibrate, run
-from fastcore.precision import Precision, resolve
 
 KERNEL_SIZE = calibrate.SIZE
 # Extra seconds of sleep per compiled call: a deliberately slowed step, to show the gate failing.
@@ -50,8 +49,8 @@ class Kernel:
 class Ours:
     """fastcore's step for (plan, mode, precision), fed by its stream or by one reused batch."""
 
-    def __init__(self, p: run.Plan, mode: str, precision: str, round_seconds: float):
-        self.precision = resolve(precision, xla=mode == "xla") if precision == "auto" else Precision(precision, "bench")
+    def __init__(self, p: run.Plan, mode: str, round_seconds: float):
+        self.precision = p.precision   # `auto` resolved as a run resolves it (measured on this step)
         self.step = run.build_step(p, self.precision, mode)
         self.k = p.steps_per_call
         self.fn = self.step.train_many if self.k > 1 else self.step.train_one

@@ -13,21 +13,26 @@ import time
 from fastcore import calibrate
 from fastcore.precision import Precision
 
-CALLS = 3        # timed calls per precision, after one that compiles
+ROUNDS = 8       # timed calls per precision, alternating, after one each that compiles
 MARGIN = 1.05    # bfloat16 must beat float32 by this much: it costs precision
 
 
-def _examples_per_sec(p, precision: Precision, batch) -> float:
+def time_steps(p, batch, names=("float32", "bfloat16")) -> dict[str, float]:
+    """Best examples/s of each precision's compiled step on `batch`; calls alternate between the
+    precisions, so a neighbour's load on this shared machine hits both alike."""
     from fastcore import run   # run imports this module
-    step = run.build_step(p, precision, p.config.mode)
-    fn = step.train_many if p.steps_per_call > 1 else step.train_one
-    fn(*batch).numpy()   # trace + compile
-    best = float("inf")
-    for _ in range(CALLS):
-        start = time.perf_counter()
-        fn(*batch).numpy()
-        best = min(best, time.perf_counter() - start)
-    return p.batch_size * p.steps_per_call / best
+    calls = {}
+    for name in names:
+        step = run.build_step(p, Precision(name, "timing"), p.config.mode)
+        calls[name] = step.train_many if p.steps_per_call > 1 else step.train_one
+        calls[name](*batch).numpy()   # trace + compile
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(ROUNDS):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn(*batch).numpy()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: p.batch_size * p.steps_per_call / seconds for name, seconds in best.items()}
 
 
 def confirm(p) -> Precision:
@@ -39,7 +44,7 @@ def confirm(p) -> Precision:
     rates = calibrate.cached(key)
     if rates is None:
         batch = next(iter(pipelines.train_stream(p.train, p.batch_size, p.config.seed, p.steps_per_call)))
-        rates = {name: _examples_per_sec(p, Precision(name, "timing"), batch) for name in ("float32", "bfloat16")}
+        rates = time_steps(p, batch)
         calibrate.store(key, rates)
     f32, bf16 = rates["float32"], rates["bfloat16"]
     measured = f"this step ran {bf16:,.0f} ex/s in bfloat16 vs {f32:,.0f} in float32"
