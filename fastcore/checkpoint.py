@@ -15,11 +15,24 @@ class CheckpointMismatch(Exception):
     """The checkpoint to resume from was written by a run with another model, optimizer or data pipeline."""
 
 
+PRECISION_KEY = "precision/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def recorded_precision(directory: str) -> str | None:
+    """The precision the latest checkpoint in `directory` was trained in (None: no checkpoint)."""
+    latest = tf.train.latest_checkpoint(directory)
+    if not latest:
+        return None
+    reader = tf.train.load_checkpoint(latest)
+    return reader.get_tensor(PRECISION_KEY).decode() if reader.has_tensor(PRECISION_KEY) else None
+
+
 class Checkpoints(Callback):
     """Saves every `every_steps` steps (at the next call end) and at the end; restores on resume."""
 
-    def __init__(self, directory: str, every_steps: int, resume: bool, keep: int = 3):
+    def __init__(self, directory: str, every_steps: int, resume: bool, precision: str, keep: int = 3):
         self.directory, self.every_steps, self.resume, self.keep = directory, every_steps, resume, keep
+        self.precision = precision
         self.restored_from: str | None = None
 
     def attach(self, loop: Loop) -> None:
@@ -27,7 +40,8 @@ class Checkpoints(Callback):
         # The model's variables as a list: Keras 3 models are not tracked as checkpoint children,
         # and a list also covers the Keras-free tf.Module (weights and dropout RNG state alike).
         self.checkpoint = tf.train.Checkpoint(model=list(step.model.variables), optimizer=step.optimizer,
-                                              steps=step.steps, data=loop.iterator)
+                                              steps=step.steps, data=loop.iterator,
+                                              precision=tf.Variable(self.precision, trainable=False))
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.keep)
 
     @property
@@ -37,6 +51,10 @@ class Checkpoints(Callback):
     def on_train_begin(self, loop: Loop) -> None:
         self.attach(loop)
         if self.resume and self.latest:
+            written_in = recorded_precision(self.directory)
+            if written_in != self.precision:   # float32 variables fit any policy: restore would not notice
+                raise CheckpointMismatch(f"cannot resume from {self.latest}: it was trained in {written_in}, this run "
+                                         f"is {self.precision}; resume with --precision {written_in} (or auto)")
             try:
                 self.checkpoint.restore(self.latest).assert_consumed()
             except (AssertionError, ValueError, tf.errors.OpError) as e:

@@ -11,7 +11,7 @@ import os
 import keras
 
 import pipelines
-from fastcore import autoprecision, models, profiling, tasks
+from fastcore import autoprecision, checkpoint, models, profiling, tasks
 from fastcore.errors import UsageError
 from fastcore.loop import Loop
 from fastcore.precision import Precision, resolve
@@ -110,6 +110,9 @@ def plan(config: RunConfig) -> Plan:
     profiling.check_config(config, total_steps)
     p = Plan(config, task, precision, train, evaluation, batch_size,
              config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call, total_steps)
+    recorded = checkpoint.recorded_precision(p.checkpoint_dir) if config.resume else None
+    if config.precision == "auto" and recorded:   # a resumed run keeps the precision it was trained in
+        return dataclasses.replace(p, precision=Precision(recorded, "auto: as trained in the checkpoint it resumes"))
     return dataclasses.replace(p, precision=autoprecision.confirm(p))
 
 

@@ -44,7 +44,8 @@ def train_and_summarize(p: run.Plan, out=sys.stdout) -> tuple[dict, object]:
     if p.config.deterministic:
         tf.config.experimental.enable_op_determinism()
     step = run.build_step(p, p.precision, p.config.mode)
-    checkpoints = Checkpoints(p.checkpoint_dir, p.config.checkpoint_every or p.steps_per_epoch, p.config.resume)
+    checkpoints = Checkpoints(p.checkpoint_dir, p.config.checkpoint_every or p.steps_per_epoch, p.config.resume,
+                              p.precision.name)
     observer = profiling.Observer(p)   # TensorBoard scalars, the --profile-steps trace
     loop = run.make_loop(p, step, [*observer.callbacks, checkpoints, Progress(out=out)])
     try:

@@ -8,7 +8,9 @@ from fastcore import run, session
 
 
 def train(task: str, data_dir: str | None = None, **flags):
-    """Train `task` with CLI-equivalent flags (run directory in a temp folder); returns (summary, step)."""
+    """Train `task` with CLI-equivalent flags (run directory in a temp folder, float32 unless given);
+    returns (summary, step)."""
     flags.setdefault("logdir", tempfile.mkdtemp(prefix="fastcore-test-"))
+    flags.setdefault("precision", "float32")   # `auto` is decided per machine; test_precision covers it
     plan = run.plan(run.RunConfig(task, data_dir=data_dir, **flags))
     return session.train_and_summarize(plan, out=io.StringIO())

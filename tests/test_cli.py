@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-HIGGS_SMALL = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:3000]"]
+HIGGS_SMALL = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:3000]",
+               "--precision", "float32"]   # explicit: auto is decided per machine
 
 
 def cli(*args, env=None, timeout=300):

@@ -20,7 +20,7 @@ class MemoryPerEpoch(Callback):
 
 def test_memory_is_flat_across_epochs_and_there_is_one_trace(data_dir, tmp_path):
     p = run.plan(run.RunConfig("higgs", data_dir=data_dir, train_split="train[:2000]", eval_split="train[2000:3000]",
-                               epochs=60, dropout=0.2, logdir=str(tmp_path)))
+                               epochs=60, dropout=0.2, logdir=str(tmp_path), precision="float32"))
     step = run.build_step(p, p.precision, "xla")
     memory = MemoryPerEpoch()
     loop = run.make_loop(p, step, [memory])

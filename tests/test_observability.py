@@ -25,7 +25,8 @@ from fastcore import calibrate, models, profile, profiling
 from fastcore.step import Step
 
 HIGGS_RUN = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:3000]",
-             "--epochs", "3", "--steps-per-call", "1", "--profile-steps", "2:4", "--run-name", "r1"]
+             "--epochs", "3", "--steps-per-call", "1", "--profile-steps", "2:4", "--run-name", "r1",
+             "--precision", "float32"]   # explicit: auto is decided per machine
 CALLS = 12   # 2000 examples / batch 500 = 4 steps an epoch, 3 epochs, 1 step per call
 HIGGS_FLOPS = 6 * (28 * 512 + 3 * 512 * 512 + 512 * 1)
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import ROOT
 
 RUN = ["--dataset", "higgs", "--train-split", "train[:10000]", "--eval-split", "train[10000:]", "--epochs", "12",
+       "--precision", "float32",
        "--dropout", "0.3", "--l2", "1e-4", "--steps-per-call", "4", "--checkpoint-every", "20"]
 
 
@@ -85,3 +86,19 @@ def test_resume_with_other_flags_is_refused_in_one_line(data_dir, tmp_path):
                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other_model.returncode == 2
     assert len(other_model.stderr.strip().splitlines()) == 1 and "cannot resume" in other_model.stderr
+
+
+def test_a_resumed_run_keeps_the_precision_it_was_trained_in(data_dir, tmp_path):
+    args = [a for a in RUN if a not in ("--precision", "float32")]
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "fastcore.train", *args, "--data-dir", data_dir, "--logdir",
+                               str(tmp_path), "--run-name", "p", "--epochs", "1", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli("--precision", "bfloat16").returncode == 0
+    refused = cli("--precision", "float32", "--resume")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "trained in bfloat16" in refused.stderr and "--precision bfloat16" in refused.stderr
+    adopted = cli("--precision", "auto", "--resume", "--epochs", "2")
+    assert adopted.returncode == 0, adopted.stderr
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["precision"] == "bfloat16" and "checkpoint" in summary["precision_reason"]

@@ -10,7 +10,7 @@ from helpers import train
 
 def plan(data_dir, **flags):
     return run.plan(run.RunConfig("higgs", data_dir=data_dir, train_split="train[:2000]",
-                                  eval_split="train[2000:2600]", **flags))
+                                  eval_split="train[2000:2600]", precision="float32", **flags))
 
 
 @pytest.mark.parametrize("mode", ["xla", "graph"])
