@@ -6,30 +6,12 @@ code does not care which API made it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import keras
 import tensorflow as tf
 
-MODEL_APIS = ("keras-sequential", "keras-functional", "keras-subclass", "module")
-
-
-@dataclasses.dataclass(frozen=True)
-class MLPSpec:
-    """A multilayer perceptron: inputs -> hidden layers (activation) -> outputs (linear: logits or values)."""
-    inputs: int
-    hidden: tuple[int, ...]
-    activation: str = "relu"          # relu | elu
-    outputs: int = 1
-    initial_kernel: float | None = None   # constant start (the `line` tutorial starts from W=5, b=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Regularization:
-    l2: float = 0.0
-    dropout: float = 0.0
-
+from fastcore.specs import MODEL_APIS, MLPSpec, Regularization  # noqa: F401 (re-exported)
 
 _MASK32 = 0xFFFFFFFF
 

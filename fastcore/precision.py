@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import tensorflow as tf
-
 CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -25,7 +23,8 @@ class Precision:
         return _POLICIES[self.name]
 
     @property
-    def compute_dtype(self) -> tf.DType:
+    def compute_dtype(self):
+        import tensorflow as tf   # here, not at the top: the CLI reads CHOICES for --help
         return tf.as_dtype(self.name)
 
     @property
@@ -47,6 +46,7 @@ def resolve(name: str, xla: bool) -> Precision:
         raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(CHOICES)}")
     if name != "auto":
         return Precision(name, "requested")
+    import tensorflow as tf
     if tf.config.list_physical_devices("GPU"):
         return Precision("float16", "auto: a GPU is present (float16 with dynamic loss scaling)")
     from fastcore import calibrate

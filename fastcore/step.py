@@ -37,9 +37,6 @@ class TraceLedger:
         if names:
             self.arg_names[name] = tuple(names)
 
-    def count(self, name: str) -> int:
-        return len(self.signatures[name])
-
     def counts(self) -> dict[str, int]:
         return {name: len(sigs) for name, sigs in self.signatures.items()}
 

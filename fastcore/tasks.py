@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
-
-from fastcore.models import MLPSpec
+from fastcore.specs import MLPSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,5 +38,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 
 def make_optimizer(kind: str, learning_rate: float, loss_scaling: bool):
     """A Keras optimizer; wrapped in LossScaleOptimizer (dynamic scale, skips non-finite steps) for float16."""
+    import keras   # here, not at the top: the CLI reads TASKS for --help before TensorFlow is needed
     optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[kind](learning_rate)
     return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer

@@ -30,7 +30,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from fastcore.models import MODEL_APIS
+    from fastcore.specs import MODEL_APIS
     from fastcore.precision import CHOICES
     from fastcore.tasks import TASKS
 

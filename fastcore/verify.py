@@ -59,11 +59,6 @@ class Report:
         return rows
 
 
-def _variables(step) -> list:
-    model = step.model
-    return list(model.variables)
-
-
 def snapshot(step, losses: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """The loss trajectory and every trainable variable, as float64 arrays."""
     named = [(getattr(v, "path", None) or v.name, v) for v in step.model.trainable_variables]
@@ -72,7 +67,7 @@ def snapshot(step, losses: np.ndarray) -> list[tuple[str, np.ndarray]]:
 
 def copy_state(source, target) -> None:
     """Give `target` the exact variables of `source`: weights and dropout RNG state (same architecture)."""
-    for src, dst in zip(_variables(source), _variables(target)):
+    for src, dst in zip(source.model.variables, target.model.variables):
         dst.assign(src)
 
 

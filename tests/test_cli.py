@@ -69,3 +69,12 @@ def test_missing_data_dir_names_the_fix(tmp_path):
     result = cli("--dataset", "higgs", "--data-dir", str(tmp_path / "nowhere"), "--logdir", str(tmp_path))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nowhere" in result.stderr
+
+
+def test_help_and_flag_errors_come_before_tensorflow_is_imported():
+    """`--help` and a malformed command line answer at once: the parser needs no TensorFlow."""
+    probe = ("import sys; from fastcore import train; code = train.run_cli(sys.argv[1:]); "
+             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; sys.exit(code)")
+    for args, code in ((["--help"], 0), (["--dataset", "nope"], 2)):
+        result = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == code, result.stderr
