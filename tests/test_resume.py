@@ -102,3 +102,17 @@ def test_a_resumed_run_keeps_the_precision_it_was_trained_in(data_dir, tmp_path)
     assert adopted.returncode == 0, adopted.stderr
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["precision"] == "bfloat16" and "checkpoint" in summary["precision_reason"]
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(data_dir, tmp_path):
+    """What a crash mid-save leaves (a newer checkpoint's data without its index, a temp folder, and no
+    `checkpoint` entry) is ignored: the run resumes from the last complete save."""
+    assert start(data_dir, tmp_path, "c", "--epochs", "1").wait(timeout=300) == 0
+    folder = tmp_path / "c" / "checkpoints"
+    (folder / "ckpt-999.data-00000-of-00001").write_bytes(b"\0" * 1000)   # data written, index never was
+    (folder / "ckpt-999_temp").mkdir()
+    (folder / "ckpt-999_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"partial")
+    resumed = start(data_dir, tmp_path, "c", "--epochs", "2", "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out and out.split("resumed from ")[1].split()[0].endswith("ckpt-20")
