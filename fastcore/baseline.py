@@ -6,14 +6,13 @@ import time
 import keras
 
 import pipelines
-from fastcore import models, tasks
+from fastcore import models, objectives, tasks
 from fastcore.run import Plan
 
 
 def _keras_objective(task: tasks.Task):
-    loss = {"mse": keras.losses.MeanSquaredError(),
-            "softmax_ce": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            "sigmoid_ce": keras.losses.BinaryCrossentropy(from_logits=True)}[task.loss]
+    """The task's loss (the same Keras loss fastcore's step uses, mean-reduced) and its Keras metric."""
+    loss = objectives.keras_loss(task.loss)
     metric = {"mse": keras.metrics.MeanSquaredError(name="mse"),
               "accuracy": keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
               "binary_accuracy": keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0)}[task.metric]

@@ -13,12 +13,17 @@ LOSSES = ("mse", "softmax_ce", "sigmoid_ce")
 METRICS = ("mse", "accuracy", "binary_accuracy")
 
 
+def keras_loss(kind: str, reduction: str | None = "sum_over_batch_size") -> keras.losses.Loss:
+    """The Keras loss object for `kind` (outputs are logits for the cross-entropies)."""
+    return {
+        "mse": keras.losses.MeanSquaredError,
+        "softmax_ce": lambda reduction: keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction),
+        "sigmoid_ce": lambda reduction: keras.losses.BinaryCrossentropy(from_logits=True, reduction=reduction),
+    }[kind](reduction=reduction)
+
+
 def _keras_loss(kind: str):
-    loss = {
-        "mse": keras.losses.MeanSquaredError(reduction=None),
-        "softmax_ce": keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None),
-        "sigmoid_ce": keras.losses.BinaryCrossentropy(from_logits=True, reduction=None),
-    }[kind]
+    loss = keras_loss(kind, reduction=None)
     return lambda y, out: tf.reshape(loss(y, out), [-1])
 
 
