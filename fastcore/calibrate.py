@@ -29,6 +29,7 @@ import sys
 import time
 
 from fastcore import atomic
+from pipelines import rowcache
 
 SIZE = 1024          # 2 * 1024**3 = 2.1 GFLOP per matmul: ~9 ms on one thread here
 BUDGET_SECONDS = 0.3  # timed repetitions per (dtype, path), after one warm-up call that compiles
@@ -56,8 +57,8 @@ def dense_flops_per_example(spec) -> int:
 
 
 def cache_path() -> str:
-    root = os.environ.get("FASTCORE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastcore")
-    return os.path.join(root, "calibration.json")
+    """Beside the parsed-data caches: one folder rule ($FASTCORE_CACHE_DIR, else ~/.cache/fastcore)."""
+    return os.path.join(rowcache.cache_dir(), "calibration.json")
 
 
 def cpu_model() -> str:
