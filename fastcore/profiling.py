@@ -159,15 +159,15 @@ class Observer:
     def callbacks(self) -> list[Callback]:
         return [self.window, self.scalars] if self.window else [self.scalars]
 
-    def report(self, step, loop: Loop, meter_report: dict) -> dict:
+    def report(self, step, loop: Loop, summary: dict) -> dict:
         """Fields for summary.json: utilisation, peak, trace ledger, where the scalars and trace are."""
         p = self.plan
         view = f"tensorboard --logdir {shlex.quote(p.config.logdir)}"
         out = {"flops_per_example": calibrate.dense_flops_per_example(p.task.model)}
-        if "examples_per_sec" in meter_report:
+        if "examples_per_sec" in summary:
             dtype, path = p.precision.name, calibrate.path_of(p.config.mode)
             peak, cached = calibrate.peak_gflops(dtype, path)
-            achieved = out["flops_per_example"] * meter_report["examples_per_sec"] / 1e9
+            achieved = out["flops_per_example"] * summary["examples_per_sec"] / 1e9
             threads = calibrate.threads()
             out.update({"achieved_gflops": achieved, "utilisation": achieved / peak,
                         "peak": {"gflops": peak, "dtype": dtype, "path": path, "cached": cached, "threads": threads,

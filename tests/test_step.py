@@ -45,7 +45,8 @@ def test_regularization_is_part_of_the_training_loss(data_dir):
 
 def test_evaluation_counts_every_example_once(data_dir):
     summary, step = train("higgs", data_dir, epochs=1, train_split="train[:1000]", eval_split="train[1000:1777]")
-    x, y = run.pipelines.load("higgs", "train[1000:1777]", data_dir).x, run.pipelines.load("higgs", "train[1000:1777]", data_dir).y
+    held_out = run.pipelines.load("higgs", "train[1000:1777]", data_dir)
+    x, y = held_out.x, held_out.y
     logits = step.model(x, training=False).numpy()
     expected = np.mean((logits > 0).astype(np.float32) == y)
     assert summary["eval"]["binary_accuracy"] == pytest.approx(expected, abs=1e-6)
