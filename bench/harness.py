@@ -13,7 +13,9 @@ import time
 import tensorflow as tf
 
 import pipelines
-from fastcore import baseline, calibrate, run
+from fastcore.cli import plan as run
+from fastcore.observe import calibrate
+from fastcore.tasks import baseline
 
 KERNEL_SIZE = calibrate.SIZE
 # Extra seconds of sleep per compiled call: a deliberately slowed step, to show the gate failing.
@@ -51,16 +53,18 @@ class Ours:
 
     def __init__(self, p: run.Plan, mode: str, round_seconds: float):
         self.precision = p.precision   # `auto` resolved as a run resolves it (measured on this step)
-        self.step = run.build_step(p, self.precision, mode)
+        p.trainer.mode = mode
+        p.trainer.engine = None
+        self.step = p.trainer.build(p.feed)
         self.k = p.steps_per_call
         self.fn = self.step.train_many if self.k > 1 else self.step.train_one
         self.iterator = iter(pipelines.train_stream(p.train, p.batch_size, p.config.seed, self.k))
         self.batch = next(self.iterator)
         start = time.perf_counter()
-        float(self.fn(*self.batch))   # trace + compile
+        self._read(self.fn(self.batch))   # trace + compile
         first = time.perf_counter() - start
         start = time.perf_counter()
-        float(self.fn(*self.batch))
+        self._read(self.fn(self.batch))
         call = time.perf_counter() - start
         self.compile_seconds = max(first - call, 0.0)
         self.calls = max(1, round(round_seconds / call))
@@ -70,11 +74,15 @@ class Ours:
     def _calls(self, next_batch) -> float:
         start = time.perf_counter()
         for _ in range(self.calls):
-            loss = self.fn(*next_batch())
+            logs = self.fn(next_batch())
             if SLOWDOWN:
                 time.sleep(SLOWDOWN)
-        float(loss)
+        self._read(logs)
         return self.examples_per_round / (time.perf_counter() - start)
+
+    @staticmethod
+    def _read(logs) -> float:
+        return float(logs["loss"])
 
     def streamed_round(self) -> None:
         self.streamed.append(self._calls(lambda: next(self.iterator)))

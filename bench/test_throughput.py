@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 
 import harness
-from fastcore import calibrate
 
 ROUNDS, ROUND_SECONDS = 7, 0.5
 FIT_SPE = {"fashion_mnist": (1, 50), "higgs": (1, 20)}
@@ -63,7 +62,7 @@ def test_keras_fit(benchmark, request, data_dir, kernel, measured, task, spe):
     benchmark.extra_info.update(
         task=task, mode=f"keras fit jit spe={spe}", precision="float32", examples_per_sec=result["examples_per_sec"],
         compile_seconds=result["compile_seconds"], kernel_gflops=gflops,
-        ceiling_share=result["examples_per_sec"] * calibrate.dense_flops_per_example(p.task.model) / (gflops * 1e9))
+        ceiling_share=result["examples_per_sec"] * p.task.model.training_flops_per_example() / (gflops * 1e9))
 
 
 @pytest.mark.parametrize("task,mode,precision,k", [pytest.param(*c, id=_id(c)) for c in CASES] +
@@ -83,7 +82,7 @@ def test_fastcore(benchmark, request, data_dir, kernel, measured, task, mode, pr
 
     benchmark.pedantic(ours.streamed_round, setup=between_rounds, rounds=rounds if mode != "eager" else 3)
     eps = harness.statistics.median(ours.streamed)
-    flops, gflops = calibrate.dense_flops_per_example(p.task.model), kernel.gflops(since)
+    flops, gflops = p.task.model.training_flops_per_example(), kernel.gflops(since)
     info = dict(task=task, mode=f"{mode} K={k}", precision=ours.precision.name, examples_per_sec=eps,
                 compile_seconds=ours.compile_seconds, kernel_gflops=gflops, ceiling_share=eps * flops / (gflops * 1e9))
     if precision == "auto":

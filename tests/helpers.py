@@ -4,12 +4,12 @@ from __future__ import annotations
 import io
 import tempfile
 
-from fastcore import run, session
+from fastcore.cli import plan as run, session
 
 
 def train(task: str, data_dir: str | None = None, **flags):
     """Train `task` with CLI-equivalent flags (run directory in a temp folder, float32 unless given);
-    returns (summary, step)."""
+    returns (summary, engine)."""
     flags.setdefault("logdir", tempfile.mkdtemp(prefix="fastcore-test-"))
     flags.setdefault("precision", "float32")   # `auto` is decided per machine; test_precision covers it
     plan = run.plan(run.RunConfig(task, data_dir=data_dir, **flags))

@@ -1,5 +1,6 @@
 """The tutorial results, trained for real on the real data with XLA-compiled steps."""
-from fastcore import baseline, run
+from fastcore.cli import plan as run
+from fastcore.tasks import baseline
 from helpers import train
 
 

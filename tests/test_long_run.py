@@ -1,8 +1,8 @@
 """A long run stays flat: resident memory does not grow across epochs, and nothing retraces."""
 import os
 
-from fastcore import run
-from fastcore.loop import Callback
+from fastcore import Callback
+from fastcore.cli import plan as run
 
 
 def resident_mb() -> float:
@@ -21,10 +21,9 @@ class MemoryPerEpoch(Callback):
 def test_memory_is_flat_across_epochs_and_there_is_one_trace(data_dir, tmp_path):
     p = run.plan(run.RunConfig("higgs", data_dir=data_dir, train_split="train[:2000]", eval_split="train[2000:3000]",
                                epochs=60, dropout=0.2, logdir=str(tmp_path), precision="float32"))
-    step = run.build_step(p, p.precision, "xla")
     memory = MemoryPerEpoch()
-    loop = run.make_loop(p, step, [memory])
-    loop.run()
+    p.trainer.fit(p.feed, steps=p.total_steps, validation_data=p.eval, callbacks=[memory], verbose=False)
+    step = p.trainer.engine
     assert len(memory.samples) == 60
     settled = memory.samples[9]   # after warm-up: compile, allocator pools, first evaluation
     growth = max(memory.samples[10:]) - settled

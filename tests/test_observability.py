@@ -21,8 +21,10 @@ import tensorflow as tf
 from conftest import ROOT
 from helpers import train
 
-from fastcore import calibrate, models, profile, profiling
-from fastcore.step import Step
+from fastcore.engine.step import Engine
+from fastcore.observe import calibrate, doctor as profile, tensorboard as profiling
+from fastcore.tasks import models
+from fastcore.trainer import loss_eval, loss_step
 
 HIGGS_RUN = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:3000]",
              "--epochs", "3", "--steps-per-call", "1", "--profile-steps", "2:4", "--run-name", "r1",
@@ -158,9 +160,10 @@ def test_summary_holds_the_meter_and_the_ledger(higgs_run):
     assert 0 < s["step_time_ms"] < 1_000
     assert 0 <= s["input_wait_share"] < 0.5
     assert 0.05 < s["compile_seconds"] < 60
-    assert s["flops_per_example"] == HIGGS_FLOPS
+    # counted from the step's graph, within 1% of the textbook 6 x sum(in x out) for this MLP
+    assert s["flops_per_example"] == pytest.approx(HIGGS_FLOPS, rel=0.01)
     assert s["peak"]["dtype"] == "float32" and s["peak"]["path"] == "xla" and 5 < s["peak"]["gflops"] < 20_000
-    assert s["achieved_gflops"] == pytest.approx(HIGGS_FLOPS * s["examples_per_sec"] / 1e9)
+    assert s["achieved_gflops"] == pytest.approx(s["flops_per_example"] * s["examples_per_sec"] / 1e9)
     assert 0 < s["utilisation"] < 1.5
     assert s["utilisation"] == pytest.approx(s["achieved_gflops"] / s["peak"]["gflops"])
     assert s["traces"] == {"train": 1, "eval": 1} and s["xla_compilations"] == {"train": 1, "eval": 1}
@@ -185,23 +188,23 @@ def test_float16_logs_the_loss_scale_and_summary_every_thins_the_points(data_dir
 def test_a_retrace_is_reported_with_the_argument_that_changed():
     model = models.build(models.MLPSpec(3, (4,)), "keras-functional", models.Regularization(), "float32",
                          tf.float32, seed=0)
-    step = Step(model, "mse", "mse", keras.optimizers.SGD(0.1), keras_free=False, global_batch_size=8, mode="xla")
-    step.train_one(tf.zeros([8, 3]), tf.zeros([8, 1]))
-    step.train_one(tf.ones([8, 3]), tf.ones([8, 1]))   # same signature: no retrace
+    loss = keras.losses.MeanSquaredError()
+    step = Engine({"model": model}, {"optimizer": keras.optimizers.SGD(0.1)}, loss_step(model, loss),
+                  eval_fn=loss_eval(model, loss, {}), global_batch_size=8, mode="xla")
+    step.train_one((tf.zeros([8, 3]), tf.zeros([8, 1])))
+    step.train_one((tf.ones([8, 3]), tf.ones([8, 1])))   # same signature: no retrace
     assert step.ledger.retraces() == []
-    step.train_one(tf.zeros([5, 3]), tf.zeros([5, 1]))   # a ragged last batch: a retrace
+    step.train_one((tf.zeros([5, 3]), tf.zeros([5, 1])))   # a ragged last batch: a retrace
     assert step.ledger.counts() == {"train": 2}
-    assert step.ledger.retraces() == ["train traced 2 times: x: float32[8, 3] -> float32[5, 3]; "
-                                      "y: float32[8, 1] -> float32[5, 1]"]
+    assert step.ledger.retraces() == ["train traced 2 times: batch: (float32[8, 3], float32[8, 1]) -> "
+                                      "(float32[5, 3], float32[5, 1])"]
     summary = {"retraced": True, "retraces": step.ledger.retraces()}
     warning = profiling.retrace_warning(summary)
-    assert warning.startswith("fastcore-train: WARNING: RETRACED") and "x: float32[8, 3] -> float32[5, 3]" in warning
+    assert warning.startswith("fastcore-train: WARNING: RETRACED") and "float32[8, 3]" in warning
     assert profiling.retrace_warning({"retraced": False}) is None
 
 
-def test_flops_estimate_and_cached_calibration(monkeypatch, tmp_path):
-    assert calibrate.dense_flops_per_example(models.MLPSpec(784, (100, 50), outputs=10)) == \
-        6 * (784 * 100 + 100 * 50 + 50 * 10)
+def test_cached_calibration(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path))
     first, cached = calibrate.peak_gflops("float32", "graph")
     assert not cached and 5 < first < 20_000

@@ -3,7 +3,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fastcore import calibrate, precision, run
+import pipelines
+from fastcore import trainer as trainer_module
+from fastcore.cli import plan as run
+from fastcore.engine import precision
+from fastcore.observe import calibrate
 
 
 def test_explicit_choices_map_to_keras_policies():
@@ -34,13 +38,15 @@ def test_unknown_precision_is_refused():
 def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
     p = run.plan(run.RunConfig("higgs", data_dir=data_dir, precision="float16", train_split="train[:1000]",
                                eval_split="train[1000:1500]"))
-    step = run.build_step(p, p.precision, mode)
-    x, y = next(iter(run.pipelines.train_stream(p.train, p.batch_size, 0)))
-    step.train_one(x, y)   # builds everything, one good step
+    p.trainer.mode = mode
+    p.trainer.engine = None
+    step = p.trainer.build(p.feed)
+    x, y = next(iter(pipelines.train_stream(p.train, p.batch_size, 0)))
+    step.train_one((x, y))   # builds everything, one good step
     before = [v.numpy().copy() for v in step.model.trainable_variables]
     scale = float(step.optimizer.dynamic_scale)
     poisoned = tf.tensor_scatter_nd_update(x, [[0, 0]], [np.float32(6e4)])   # overflows float16 activations
-    loss = step.train_one(poisoned * 1e3, y)
+    loss = step.train_one((poisoned * 1e3, y))["loss"]
     assert not np.isfinite(float(loss)) or float(step.optimizer.dynamic_scale) < scale
     after = [v.numpy() for v in step.model.trainable_variables]
     assert all(np.array_equal(a, b) for a, b in zip(before, after)), "a non-finite step changed the weights"
@@ -49,17 +55,20 @@ def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
 
 def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch):
     """When the matmul peaks propose bfloat16, the faster of the two timed steps wins."""
-    from fastcore import autoprecision
-    monkeypatch.setattr(run, "resolve", lambda name, xla: precision.Precision("bfloat16", "auto: peaks say so"))
+    from fastcore.engine import autoprecision
+    monkeypatch.setattr(trainer_module, "resolve", lambda name, xla: precision.Precision("bfloat16", "auto: peaks say so"))
     config = run.RunConfig("mnist", data_dir=data_dir, train_split="test[:640]", eval_split="test[640:700]",
                            steps_per_call=4)
     timed = run.plan(config)    # measures both steps for real and caches the rates
-    rates = calibrate.cached("step/mnist/keras-functional/b32/k4/xla")
+    keys = [k for k in calibrate._load()[calibrate.machine_key()] if k.startswith("step/")]
+    assert len(keys) == 1 and "/b32/k4/xla" in keys[0]
+    key = keys[0]
+    rates = calibrate.cached(key)
     assert set(rates) == {"float32", "bfloat16"} and all(r > 0 for r in rates.values())
     assert timed.precision.name == ("bfloat16" if rates["bfloat16"] >= autoprecision.MARGIN * rates["float32"]
                                     else "float32")
     assert "ex/s in bfloat16" in timed.precision.reason
-    calibrate.store("step/mnist/keras-functional/b32/k4/xla", {"float32": 1.0, "bfloat16": 2.0})
+    calibrate.store(key, {"float32": 1.0, "bfloat16": 2.0})
     assert run.plan(config).precision.name == "bfloat16"
-    calibrate.store("step/mnist/keras-functional/b32/k4/xla", {"float32": 2.0, "bfloat16": 1.0})
+    calibrate.store(key, {"float32": 2.0, "bfloat16": 1.0})
     assert run.plan(config).precision.name == "float32"

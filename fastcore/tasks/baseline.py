@@ -6,8 +6,9 @@ import time
 import keras
 
 import pipelines
-from fastcore import models, objectives, tasks
-from fastcore.run import Plan
+from fastcore import tasks
+from fastcore.cli.plan import Plan
+from fastcore.tasks import models, objectives
 
 
 def _keras_objective(task: tasks.Task):

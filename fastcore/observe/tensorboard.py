@@ -27,9 +27,9 @@ import shlex
 
 import tensorflow as tf
 
-from fastcore import calibrate
+from fastcore.callbacks import Callback
 from fastcore.errors import UsageError
-from fastcore.loop import Callback, Loop
+from fastcore.observe import calibrate
 
 WINDOW = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -47,12 +47,12 @@ def parse_window(text: str, total_steps: int | None = None) -> tuple[int, int]:
     return first, last
 
 
-def check_config(config, total_steps: int) -> None:
-    """Validate this module's flags against the plan; raises UsageError (one line)."""
-    if config.profile_steps is not None:
-        parse_window(config.profile_steps, total_steps)
-    if config.summary_every is not None and config.summary_every <= 0:
-        raise UsageError(f"--summary-every {config.summary_every} must be positive (compiled calls between summaries)")
+def check_options(profile_steps: str | None, summary_every: int | None, total_steps: int) -> None:
+    """Validate this module's options against the run's length; raises UsageError (one line)."""
+    if profile_steps is not None:
+        parse_window(profile_steps, total_steps)
+    if summary_every is not None and summary_every <= 0:
+        raise UsageError(f"--summary-every {summary_every} must be positive (compiled calls between summaries)")
 
 
 class Scalars(Callback):
@@ -62,36 +62,40 @@ class Scalars(Callback):
         self.run_dir, self.every = run_dir, max(1, every)
         self.writer = None
 
-    def on_train_begin(self, loop: Loop) -> None:
+    def on_train_begin(self, loop) -> None:
         self.writer = tf.summary.create_file_writer(self.run_dir)
         self.calls = 0
 
-    def on_call_end(self, loop: Loop, loss) -> None:
+    def on_call_end(self, loop, logs) -> None:
         index, self.calls = self.calls, self.calls + 1
         if self.calls % self.every and loop.steps_done < loop.total_steps:
             return
-        optimizer = loop.step.optimizer
+        optimizers = loop.engine.optimizers
         with self.writer.as_default(step=loop.steps_done):
-            tf.summary.scalar("train/loss", loss)
-            tf.summary.scalar("train/learning_rate", tf.convert_to_tensor(optimizer.learning_rate))
-            if getattr(loop.step, "loss_scaling", False):
-                tf.summary.scalar("train/loss_scale", tf.convert_to_tensor(optimizer.dynamic_scale))
+            for name, value in logs.items():
+                tf.summary.scalar(f"train/{name}", value)
+            for name, optimizer in optimizers.items():
+                suffix = "" if len(optimizers) == 1 else f"/{name}"
+                if hasattr(optimizer, "learning_rate"):
+                    tf.summary.scalar(f"train/learning_rate{suffix}", tf.convert_to_tensor(optimizer.learning_rate))
+                if loop.engine.loss_scaling:
+                    tf.summary.scalar(f"train/loss_scale{suffix}", tf.convert_to_tensor(optimizer.dynamic_scale))
             if index > 0:   # the first call of a run traces and compiles
                 meter = loop.meter
                 compute, wait = meter.last_compute, meter.last_wait   # host timings of this call, no sync
                 tf.summary.scalar("perf/examples_per_sec", meter.examples_per_call / (compute + wait))
                 tf.summary.scalar("perf/step_time_ms", 1000 * compute / meter.steps_per_call)
 
-    def on_epoch_end(self, loop: Loop, logs: dict) -> None:
+    def on_epoch_end(self, loop, logs: dict) -> None:
         with self.writer.as_default(step=loop.steps_done):
-            if "train_loss" in logs:
-                tf.summary.scalar("train/epoch_loss", logs["train_loss"])
             for key, value in logs.items():
-                if key.startswith("eval_"):
+                if key.startswith("train_"):
+                    tf.summary.scalar(f"train/epoch_{key[len('train_'):]}", value)
+                elif key.startswith("eval_"):
                     tf.summary.scalar(f"eval/{key[len('eval_'):]}", value)
         self.writer.flush()   # TensorBoard sees each epoch as it ends
 
-    def on_train_end(self, loop: Loop) -> None:
+    def on_train_end(self, loop) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -114,7 +118,7 @@ class ProfileWindow(Callback):
         self.session_dir: str | None = None
         self.traced_steps: list[int] = []   # first step of each traced call
 
-    def on_call_begin(self, loop: Loop) -> None:
+    def on_call_begin(self, loop) -> None:
         first_step, last_step = loop.steps_done + 1, loop.steps_done + loop.steps_per_call
         if not self.active and not self.done and first_step <= self.last and last_step >= self.first:
             self.before = set(profile_sessions(self.run_dir))
@@ -126,14 +130,14 @@ class ProfileWindow(Callback):
             # The marker starts on creation: it spans the batch fetch and the call.
             self.trace = tf.profiler.experimental.Trace("train", step_num=first_step, _r=1)
 
-    def on_call_end(self, loop: Loop, loss) -> None:
+    def on_call_end(self, loop, logs) -> None:
         if self.trace is not None:
             self.trace.__exit__(None, None, None)
             self.trace = None
         if self.active and loop.steps_done >= self.last:
             self.stop()
 
-    def on_train_end(self, loop: Loop) -> None:
+    def on_train_end(self, loop) -> None:
         if self.active:
             self.stop()
 
@@ -145,48 +149,47 @@ class ProfileWindow(Callback):
 
 
 class Observer:
-    """The run's TensorBoard callbacks, and its utilisation / trace report for summary.json."""
+    """A run's TensorBoard callbacks, and its utilisation / trace report for summary.json."""
 
-    def __init__(self, plan):
-        config = plan.config
-        self.plan = plan
-        self.scalars = Scalars(plan.run_dir, config.summary_every or 1)
-        self.window = None
-        if config.profile_steps:
-            self.window = ProfileWindow(plan.run_dir, *parse_window(config.profile_steps))
+    def __init__(self, run_dir: str, view_dir: str, profile_steps: str | None = None, summary_every: int | None = None):
+        self.run_dir, self.view_dir = run_dir, view_dir
+        self.scalars = Scalars(run_dir, summary_every or 1)
+        self.window = ProfileWindow(run_dir, *parse_window(profile_steps)) if profile_steps else None
 
     @property
     def callbacks(self) -> list[Callback]:
         return [self.window, self.scalars] if self.window else [self.scalars]
 
-    def report(self, step, loop: Loop, summary: dict) -> dict:
-        """Fields for summary.json: utilisation, peak, trace ledger, where the scalars and trace are."""
-        p = self.plan
-        view = f"tensorboard --logdir {shlex.quote(p.config.logdir)}"
-        out = {"flops_per_example": calibrate.dense_flops_per_example(p.task.model)}
-        if "examples_per_sec" in summary:
-            dtype, path = p.precision.name, calibrate.path_of(p.config.mode)
-            peak, cached = calibrate.peak_gflops(dtype, path)
-            achieved = out["flops_per_example"] * summary["examples_per_sec"] / 1e9
-            threads = calibrate.threads()
-            out.update({"achieved_gflops": achieved, "utilisation": achieved / peak,
-                        "peak": {"gflops": peak, "dtype": dtype, "path": path, "cached": cached, "threads": threads,
-                                 "measured_by": f"{calibrate.SIZE}x{calibrate.SIZE} {dtype} matmul on {path}, "
-                                                f"1 thread, x {threads} threads",
-                                 "cache": calibrate.cache_path()}})
-        retraces = step.ledger.retraces()
-        counts = step.ledger.counts()
-        out.update({
+    def report(self, ledger, mode: str, summary: dict) -> dict:
+        """Fields for summary.json: where the scalars and trace are, the trace ledger."""
+        view = f"tensorboard --logdir {shlex.quote(self.view_dir)}"
+        retraces, counts = ledger.retraces(), ledger.counts()
+        out = {
             "retraced": bool(retraces), "retraces": retraces,
             # XLA compiles each trace of a jit_compile function once for its (fixed) input shapes; the
             # runtime's own counter (/tensorflow/core/xla_compilations) is not readable from Python.
-            "xla_compilations": counts if p.config.mode == "xla" else {name: 0 for name in counts},
-            "scalars": {"dir": p.run_dir, "view": view},
-        })
+            "xla_compilations": counts if mode == "xla" else {name: 0 for name in counts},
+            "scalars": {"dir": self.run_dir, "view": view},
+        }
         if self.window:
             out["profile"] = {"steps": [self.window.first, self.window.last], "dir": self.window.session_dir,
                               "traced_calls_first_steps": self.window.traced_steps, "view": f"{view}  (Profile tab)"}
         return out
+
+
+def utilisation(flops_per_example: float | None, examples_per_sec: float, dtype: str, mode: str) -> dict:
+    """Achieved FLOP/s against the machine's calibrated peak for the run's dtype and compile path."""
+    if not flops_per_example:
+        return {}
+    path = calibrate.path_of(mode)
+    peak, cached = calibrate.peak_gflops(dtype, path)
+    achieved = flops_per_example * examples_per_sec / 1e9
+    threads = calibrate.threads()
+    return {"achieved_gflops": achieved, "utilisation": achieved / peak,
+            "peak": {"gflops": peak, "dtype": dtype, "path": path, "cached": cached, "threads": threads,
+                     "measured_by": f"{calibrate.SIZE}x{calibrate.SIZE} {dtype} matmul on {path}, "
+                                    f"1 thread, x {threads} threads",
+                     "cache": calibrate.cache_path()}}
 
 
 def final_lines(summary: dict) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from fastcore.loop import Callback, Loop
+from fastcore.callbacks import Callback
 
 
 def format_logs(logs: dict) -> str:
@@ -23,11 +23,11 @@ class Progress(Callback):
         self.interval, self.width = interval, width
         self.last_draw = 0.0
 
-    def on_train_begin(self, loop: Loop) -> None:
+    def on_train_begin(self, loop) -> None:
         self.start = time.perf_counter()
         self.first_call_end = None
 
-    def on_call_end(self, loop: Loop, loss) -> None:
+    def on_call_end(self, loop, logs) -> None:
         now = time.perf_counter()
         if self.first_call_end is None:
             self.first_call_end, self.steps_at_first = now, loop.steps_done
@@ -40,10 +40,10 @@ class Progress(Callback):
         rate = (loop.steps_done - self.steps_at_first) * loop.batch_size / (now - self.first_call_end)
         bar = "=" * filled + (">" if filled < self.width else "") + " " * (self.width - filled - 1)
         self.bar_stream.write(f"\repoch {loop.epoch:6.2f} [{bar}] {100 * done:3.0f}%  "
-                              f"{rate:,.0f} ex/s  loss {float(loss):.4f} ")
+                              f"{rate:,.0f} ex/s  " + "  ".join(f"{k} {float(v):.4f}" for k, v in logs.items()) + " ")
         self.bar_stream.flush()
 
-    def on_epoch_end(self, loop: Loop, logs: dict) -> None:
+    def on_epoch_end(self, loop, logs: dict) -> None:
         if self.live:
             self.bar_stream.write("\r\033[K")
         print(format_logs(logs), file=self.out, flush=True)

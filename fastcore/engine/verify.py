@@ -1,7 +1,7 @@
 """Equivalence of a compiled step and its eager twin, with dtype-aware verdicts.
 
-Both runs start from one saved state (the compiled model's variables copied into the eager one)
-and consume one fixed list of batches. float32 must agree to a tight relative tolerance.
+Both runs start from one saved state (every model and optimizer variable and the counters, put
+back after each run) and consume one fixed list of batches. float32 must agree to a tight relative tolerance.
 bfloat16/float16 round differently on the two paths and drift apart, so each is compared with a
 float32 eager reference instead: the compiled run passes when it is about as close to the
 reference as the eager run is.
@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 
-from fastcore.precision import Precision
+from fastcore.engine.precision import Precision
 
 FLOAT32_RTOL = 1e-4       # measured here: ~1e-6 after 20 HIGGS steps; 100x headroom
 LOW_PRECISION_SLACK = 2.0  # compiled may be up to 2x further from the reference than eager...
@@ -58,22 +59,47 @@ class Report:
         return rows
 
 
-def snapshot(step, losses: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """The loss trajectory and every trainable variable, as float64 arrays."""
-    named = [(getattr(v, "path", None) or v.name, v) for v in step.model.trainable_variables]
+def snapshot(engine, losses: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The loss trajectory and every trainable variable of every model, as float64 arrays."""
+    named = [(getattr(v, "path", None) or v.name, v)
+             for m in engine.models.values() for v in m.trainable_variables]
     return [("loss (per call)", losses)] + [(name, np.asarray(v.numpy(), np.float64)) for name, v in named]
 
 
+class SavedState:
+    """Every variable a step changes (models, optimizers, counters), copied so it can be put back."""
+
+    def __init__(self, engine):
+        self.variables = engine.state_variables
+        self.values = [v.numpy() for v in self.variables]
+
+    def restore(self) -> None:
+        for v, value in zip(self.variables, self.values):
+            v.assign(value)
+
+
+
 def copy_state(source, target) -> None:
-    """Give `target` the exact variables of `source`: weights and dropout RNG state (same architecture)."""
-    for src, dst in zip(source.model.variables, target.model.variables):
-        dst.assign(src)
+    """Give `target` (same architecture, e.g. the float32 reference twin) `source`'s state: model variables,
+    the optimizers' own variables (inside any loss-scale wrapper) and the step counters."""
+    def inner(opt):
+        return list(getattr(getattr(opt, "inner_optimizer", opt), "variables", None) or [])
+
+    pairs = list(zip(source.model_variables, target.model_variables))
+    for a, b in zip(source.optimizers.values(), target.optimizers.values()):
+        pairs += list(zip(inner(a), inner(b)))
+    pairs += [(source.steps, target.steps), (source.applied, target.applied)]
+    for src, dst in pairs:
+        dst.assign(tf.cast(src, dst.dtype))
 
 
-def run_steps(step, batches: list, stacked: bool) -> np.ndarray:
-    """Per-call losses of `step` over the batches ([K,B,...] each when stacked)."""
-    fn = step.train_many if stacked else step.train_one
-    return np.array([float(fn(x, y)) for x, y in batches])
+def run_steps(engine, batches: list, stacked: bool, compiled: bool) -> np.ndarray:
+    """Per-call first-loss values over the batches ([K,B,...] leaves when stacked)."""
+    if compiled:
+        fn = engine.train_many if stacked else engine.train_one
+    else:
+        fn = engine.train_call_many if stacked else engine.train_call_one
+    return np.array([float(next(iter(fn(batch).values()))) for batch in batches])
 
 
 def compare(a, b) -> list[Difference]:
@@ -85,23 +111,20 @@ def compare(a, b) -> list[Difference]:
     return diffs
 
 
-def verify(make_step, batches: list, precision: Precision, mode: str, stacked: bool) -> Report:
-    """Run `batches` through a compiled (`mode`) and an eager step from one saved state and compare.
+def verify(engine, batches: list, precision: Precision, stacked: bool, reference=None) -> Report:
+    """Run `batches` through `engine` compiled and eagerly from one saved state, and compare.
 
-    `make_step(precision, mode)` builds a fresh model+optimizer+step; `batches` is a list of
-    (x, y), stacked [K,B,...] when `stacked`.
+    The engine's state is put back afterwards, so verifying changes nothing. `batches` is a list of
+    batches (K stacked when `stacked`). For bfloat16/float16, `reference` is a float32 engine of the
+    same architecture (its eager run is the yardstick both runs are measured against).
     """
-    steps = sum(int(x.shape[0]) if stacked else 1 for x, _ in batches)
+    steps = sum(int(tf.nest.flatten(b)[0].shape[0]) if stacked else 1 for b in batches)
     low_precision = precision.name != "float32"
-    compiled = make_step(precision, mode)
-    eager = make_step(precision, "eager")
-    reference = make_step(Precision("float32", "reference"), "eager") if low_precision else None
-    for twin in (eager, reference):
-        if twin is not None:
-            copy_state(compiled, twin)
-
-    comp = snapshot(compiled, run_steps(compiled, batches, stacked))
-    eag = snapshot(eager, run_steps(eager, batches, stacked))
+    state = SavedState(engine)
+    comp = snapshot(engine, run_steps(engine, batches, stacked, compiled=engine.mode != "eager"))
+    state.restore()
+    eag = snapshot(engine, run_steps(engine, batches, stacked, compiled=False))
+    state.restore()
     compiled_vs_eager = compare(comp, eag)
     if not low_precision:
         worst = max(compiled_vs_eager, key=lambda d: d.max_rel)
@@ -110,7 +133,10 @@ def verify(make_step, batches: list, precision: Precision, mode: str, stacked: b
                    f"{'<=' if passed else '>'} tolerance {FLOAT32_RTOL:g}")
         return Report("float32", steps, passed, verdict, compiled_vs_eager)
 
-    ref = snapshot(reference, run_steps(reference, batches, stacked))
+    if reference is None:
+        raise ValueError("a bfloat16/float16 verify needs a float32 reference engine")
+    copy_state(engine, reference)
+    ref = snapshot(reference, run_steps(reference, batches, stacked, compiled=False))
     c_ref, e_ref = compare(comp, ref), compare(eag, ref)
     worst_c = max(d.max_rel for d in c_ref)
     worst_e = max(d.max_rel for d in e_ref)

@@ -15,6 +15,13 @@ class MLPSpec:
     outputs: int = 1
     initial_kernel: float | None = None   # constant start (the `line` tutorial starts from W=5, b=0)
 
+    def training_flops_per_example(self) -> int:
+        """The textbook estimate, 6 x the multiply-adds of the dense layers (2x forward, 4x backward;
+        biases, activations, loss and update left out). fastcore measures FLOPs from the graph
+        (fastcore.observe.flops); this formula is the yardstick the tests hold that count to."""
+        sizes = (self.inputs, *self.hidden, self.outputs)
+        return 6 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
+
 
 @dataclasses.dataclass(frozen=True)
 class Regularization:

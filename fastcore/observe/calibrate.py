@@ -43,19 +43,6 @@ def path_of(mode: str) -> str:
     return "xla" if mode == "xla" else "graph"
 
 
-def dense_flops_per_example(spec) -> int:
-    """Training FLOPs per example of an MLP (fastcore.models.MLPSpec): 6 x the multiply-adds of its dense layers.
-
-    A dense layer with `i` inputs and `o` outputs does i*o multiply-adds per example: 2*i*o FLOPs
-    forward, and twice that backward (the gradient with respect to the inputs and to the kernel,
-    2*i*o each). Biases, activations, the loss and the optimizer update are O(i + o) per layer and
-    left out (under 1% for the built-in models). The first layer's input gradient is counted although
-    nothing needs it, as is usual for this estimate.
-    """
-    sizes = (spec.inputs, *spec.hidden, spec.outputs)
-    return 6 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
-
-
 def cache_path() -> str:
     """Beside the parsed-data caches: one folder rule ($FASTCORE_CACHE_DIR, else ~/.cache/fastcore)."""
     return os.path.join(rowcache.cache_dir(), "calibration.json")
@@ -74,7 +61,7 @@ def cpu_model() -> str:
 
 def machine_key() -> str:
     import tensorflow as tf
-    return f"{cpu_model()} | {os.cpu_count()} cpus | tensorflow {tf.__version__} | fastcore.models.matmul"
+    return f"{cpu_model()} | {os.cpu_count()} cpus | tensorflow {tf.__version__} | fastcore.layers.matmul"
 
 
 def measure(dtype: str, path: str, size: int = SIZE, budget: float = BUDGET_SECONDS) -> float:
@@ -82,7 +69,7 @@ def measure(dtype: str, path: str, size: int = SIZE, budget: float = BUDGET_SECO
     import tensorflow as tf
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}: choose one of {', '.join(PATHS)}")
-    from fastcore.models import matmul as model_matmul   # the op the models run (bf16 under XLA: f32 accumulation)
+    from fastcore.layers import matmul as model_matmul   # the op the models run (bf16 under XLA: f32 accumulation)
     matmul = tf.function(model_matmul, jit_compile=path == "xla")
     a = tf.cast(tf.random.stateless_uniform([size, size], seed=[1, 2]), dtype)
     b = tf.cast(tf.random.stateless_uniform([size, size], seed=[3, 4]), dtype)
@@ -118,7 +105,7 @@ def measure_per_thread(pairs: list[tuple[str, str]]) -> dict[str, float]:
     """{"dtype/path": single-thread GFLOP/s}, measured in a child process restricted to one thread."""
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = [f"{dtype}/{path}" for dtype, path in pairs]
-    result = subprocess.run([sys.executable, "-m", "fastcore.calibrate", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "fastcore.observe.calibrate", *args], capture_output=True, text=True,
                             env=env, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"calibration failed: {result.stderr.strip()[-500:]}")
@@ -168,8 +155,6 @@ def store(name: str, value) -> None:
 
 def _child(args: list[str]) -> int:
     """Runs in the one-thread child: prints {"dtype/path": GFLOP/s} as the last line of stdout."""
-    from fastcore import quiet
-    quiet.silence_native_logs()
     result = {}
     for name in args:
         dtype, path = name.split("/")

@@ -1,6 +1,7 @@
-"""Assemble one training run from a RunConfig: data, precision, model, optimizer, step, loop.
+"""Assemble one CLI run from a RunConfig: check the flags, load the data, make the task's Trainer.
 
-The CLI is a thin shell over `train`; tests and benchmarks call these functions directly.
+The CLI is a client of the library: the task's model, optimizer and loss go into a `fastcore.Trainer`
+(fastcore.tasks.trainer_for), and the run is `Trainer.fit`. Tests and benchmarks call these functions.
 """
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import dataclasses
 import math
 import os
 
-import keras
-
 import pipelines
-from fastcore import autoprecision, checkpoint, models, profiling, tasks
+from fastcore import atomic, tasks
+from fastcore.engine.precision import Precision
 from fastcore.errors import UsageError
-from fastcore.loop import Loop
-from fastcore.precision import Precision, resolve
-from fastcore.step import Step
+from fastcore.observe import tensorboard
+from fastcore.tasks.specs import MODEL_APIS, Regularization
+from fastcore.trainer import Trainer, largest_divisor_at_most
 
 
 @dataclasses.dataclass
@@ -43,14 +43,14 @@ class RunConfig:
     deterministic: bool = False
     profile_steps: str | None = None    # "A:B": profiler trace of steps A..B (from 1), see fastcore.profiling
     summary_every: int | None = None    # compiled calls between TensorBoard scalar writes (default 1)
+    preflight: bool = True              # compare compiled and eager on the first batch before training
 
 
 @dataclasses.dataclass
 class Plan:
-    """Everything decided before the first step: resolved task, data, precision and step counts."""
+    """Everything decided before the first step: task, data, the Trainer and its feed, step counts."""
     config: RunConfig
     task: tasks.Task
-    precision: Precision
     train: pipelines.Arrays
     eval: pipelines.Arrays
     batch_size: int
@@ -58,6 +58,12 @@ class Plan:
     steps_per_epoch: int
     steps_per_call: int
     total_steps: int
+    trainer: Trainer
+    feed: object   # fastcore.engine.feeding.Feed
+
+    @property
+    def precision(self) -> Precision:
+        return self.trainer.precision
 
     @property
     def run_dir(self) -> str:
@@ -72,12 +78,8 @@ def default_run_name(config: RunConfig) -> str:
     return f"{config.task}-{config.model_api}-{config.mode}-{config.precision}-seed{config.seed}"
 
 
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
 def plan(config: RunConfig) -> Plan:
-    """Check the flags, load the data and fix the step counts; raises UsageError or DataError."""
+    """Check the flags, load the data, make and build the Trainer; raises UsageError or DataError."""
     if config.task not in tasks.TASKS:
         raise UsageError(f"unknown task {config.task!r}: choose one of {', '.join(tasks.TASKS)}")
     task = tasks.TASKS[config.task]
@@ -86,11 +88,10 @@ def plan(config: RunConfig) -> Plan:
         raise UsageError(f"--dropout {config.dropout} is outside [0, 1): it is the share of units dropped")
     if config.l2 < 0:
         raise UsageError(f"--l2 {config.l2} is negative: use 0 for none or a small positive weight like 1e-3")
-    if config.model_api not in models.MODEL_APIS:
-        raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(models.MODEL_APIS)}")
+    if config.model_api not in MODEL_APIS:
+        raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(MODEL_APIS)}")
     for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir)):
-        _check_writable(flag, folder)
-    precision = resolve(config.precision, xla=config.mode == "xla")
+        atomic.check_writable(flag, folder)
     train = pipelines.load(task.dataset, config.train_split or task.train_split, config.data_dir, config.seed)
     evaluation = pipelines.load(task.dataset, config.eval_split or task.eval_split, config.data_dir, config.seed)
     batch_size = config.batch_size or task.batch_size or len(train.x)
@@ -107,13 +108,16 @@ def plan(config: RunConfig) -> Plan:
         span = steps_per_epoch if steps_per_epoch > 1 else total_steps
         steps_per_call = largest_divisor_at_most(span, task.steps_per_call)
     total_steps = math.ceil(total_steps / steps_per_call) * steps_per_call
-    profiling.check_config(config, total_steps)
-    p = Plan(config, task, precision, train, evaluation, batch_size,
-             config.learning_rate or task.learning_rate, steps_per_epoch, steps_per_call, total_steps)
-    recorded = checkpoint.recorded_precision(p.checkpoint_dir) if config.resume else None
-    if config.precision == "auto" and recorded:   # a resumed run keeps the precision it was trained in
-        return dataclasses.replace(p, precision=Precision(recorded, "auto: as trained in the checkpoint it resumes"))
-    return dataclasses.replace(p, precision=autoprecision.confirm(p))
+    tensorboard.check_options(config.profile_steps, config.summary_every, total_steps)
+    learning_rate = config.learning_rate or task.learning_rate
+    trainer = tasks.trainer_for(task, model_api=config.model_api, reg=Regularization(config.l2, config.dropout),
+                                learning_rate=learning_rate, precision=config.precision, mode=config.mode,
+                                steps_per_call=steps_per_call, seed=config.seed, preflight=config.preflight)
+    feed = trainer.feed(train, batch_size=batch_size)
+    p = Plan(config, task, train, evaluation, batch_size, learning_rate, steps_per_epoch, steps_per_call,
+             total_steps, trainer, feed)
+    trainer.build(feed, resume_from=p.checkpoint_dir if config.resume else None)
+    return p
 
 
 def _check_positive(config: RunConfig) -> None:
@@ -126,37 +130,6 @@ def _check_positive(config: RunConfig) -> None:
         raise UsageError(f"--verify {config.verify} must be a number of steps >= 0")
 
 
-def _check_writable(flag: str, folder: str | None) -> None:
-    """Fail before training, not after it: the nearest existing ancestor must be a writable folder."""
-    if folder is None:
-        return
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder}: {existing} is not writable; choose another {flag}")
-
-
-def build_step(p: Plan, precision: Precision, mode: str) -> Step:
-    """A fresh model + optimizer + step for `precision` and `mode`; same seed, so same initial weights."""
-    keras.utils.set_random_seed(p.config.seed)
-    model = models.build(p.task.model, p.config.model_api,
-                         models.Regularization(p.config.l2, p.config.dropout),
-                         precision.policy, precision.compute_dtype, p.config.seed)
-    optimizer = tasks.make_optimizer(p.task.optimizer, p.learning_rate, precision.loss_scaling)
-    return Step(model, p.task.loss, p.task.metric, optimizer, keras_free=p.config.model_api == "module",
-                global_batch_size=p.batch_size, mode=mode)
-
-
 def eval_batch_size(p: Plan) -> int:
     """Evaluation batches need not match training: larger ones mean fewer calls (padding keeps it exact)."""
     return min(len(p.eval.x), max(p.batch_size, 1024))
-
-
-def make_loop(p: Plan, step: Step, callbacks: list) -> Loop:
-    return Loop(step,
-                pipelines.train_stream(p.train, p.batch_size, p.config.seed, p.steps_per_call),
-                pipelines.eval_stream(p.eval, eval_batch_size(p)),
-                p.total_steps, p.steps_per_epoch, p.steps_per_call, p.batch_size, callbacks)

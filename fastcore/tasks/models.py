@@ -11,97 +11,8 @@ import math
 import keras
 import tensorflow as tf
 
-from fastcore.specs import MODEL_APIS, MLPSpec, Regularization  # noqa: F401 (re-exported)
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(h: tf.Tensor) -> tf.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply) in int64 arithmetic that never overflows:
-    values stay below 2**32 and multipliers below 2**31."""
-    xor, shift, mask = tf.bitwise.bitwise_xor, tf.bitwise.right_shift, tf.bitwise.bitwise_and
-    h = mask(xor(h, shift(h, 16)) * 0x7FEB352D, _MASK32)
-    h = mask(xor(h, shift(h, 15)) * 0x5BD1E995, _MASK32)
-    return xor(h, shift(h, 16))
-
-
-def hashed_uniform(shape, seed: tf.Tensor) -> tf.Tensor:
-    """Uniform [0, 1) floats from a counter hash of (seed[0], seed[1], element index).
-
-    TensorFlow's stateless Philox kernel and XLA's differ whenever the seed is not a constant
-    (measured: max difference 0.9 for the same seed), so a compiled step and its eager twin would
-    drop different units. Integer hashing is exact on both paths: the masks are identical.
-    """
-    xor, mask = tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and
-    seed = mask(tf.cast(seed, tf.int64), _MASK32)
-    key = _mix32(xor(seed[0], _mix32(seed[1])))
-    index = tf.reshape(tf.range(tf.reduce_prod(shape), dtype=tf.int64), shape)
-    bits = _mix32(xor(_mix32(mask(index + key, _MASK32)), key))
-    return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
-
-
-def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
-    """Inverted dropout with a mask that is the same compiled and eager (see hashed_uniform)."""
-    keep = hashed_uniform(tf.shape(x, out_type=tf.int64), seed) >= rate
-    return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
-
-
-class HashedDropout(keras.layers.Layer):
-    """Keras dropout layer on `dropout` above; Keras' own Dropout draws differently under XLA."""
-
-    def __init__(self, rate: float, seed: int, **kwargs):
-        super().__init__(**kwargs)
-        self.rate = rate
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, x, training=False):
-        if not training or self.rate == 0:
-            return x
-        return dropout(x, self.rate, self.seed_generator.next())
-
-
-def _in_xla() -> bool:
-    """Whether the op being built goes into an XLA-compiled function (tf.function(jit_compile=True))."""
-    from tensorflow.python.framework import ops
-    from tensorflow.python.ops import control_flow_util
-    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
-
-
-@tf.custom_gradient
-def _bf16_dot(x, w):
-    """bfloat16 x @ w accumulated and returned in float32, and its gradients the same way.
-
-    XLA on CPU rewrites a bfloat16 dot into a float32 one (1024^2 matmul: 211 GFLOP/s, float32 222);
-    a bf16 x bf16 -> f32 BatchMatMulV3 keeps bf16 operands (439-893 GFLOP/s). TensorFlow has no
-    kernel for it outside XLA, so only compiled steps take this path.
-    """
-    def mm(a, b, adj_a=False, adj_b=False):
-        return tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=tf.float32, adj_x=adj_a, adj_y=adj_b)
-
-    def grad(dy):
-        dy = tf.cast(dy, x.dtype)
-        return tf.cast(mm(dy, w, adj_b=True), x.dtype), tf.cast(mm(x, dy, adj_a=True), w.dtype)
-    return mm(x, w), grad
-
-
-def matmul(x, w):
-    """x @ w in x's dtype; bfloat16 under XLA goes through _bf16_dot (float32 accumulation)."""
-    if x.dtype == tf.bfloat16 and _in_xla():
-        return tf.cast(_bf16_dot(x, tf.cast(w, tf.bfloat16)), tf.bfloat16)
-    return tf.matmul(x, tf.cast(w, x.dtype))
-
-
-class Dense(keras.layers.Dense):
-    """keras.layers.Dense whose matmul is `matmul` above (same weights, same variables)."""
-
-    def call(self, inputs, training=None):
-        if self.compute_dtype != "bfloat16":
-            return super().call(inputs, training=training)
-        x = matmul(tf.cast(inputs, tf.bfloat16), self.kernel)
-        if self.bias is not None:
-            x += tf.cast(self.bias, tf.bfloat16)
-        return self.activation(x) if self.activation is not None else x
-
+from fastcore.layers import Dense, Dropout, dropout, matmul
+from fastcore.tasks.specs import MODEL_APIS, MLPSpec, Regularization  # noqa: F401 (re-exported)
 
 def _keras_layers(spec: MLPSpec, reg: Regularization, policy: str, seed: int) -> list[keras.layers.Layer]:
     def dense(units, activation, i):
@@ -117,7 +28,7 @@ def _keras_layers(spec: MLPSpec, reg: Regularization, policy: str, seed: int) ->
     for i, units in enumerate(spec.hidden):
         layers.append(dense(units, spec.activation, i))
         if reg.dropout:
-            layers.append(HashedDropout(reg.dropout, seed=seed + 1000 + i, dtype=policy))
+            layers.append(Dropout(reg.dropout, seed=seed + 1000 + i, dtype=policy))
     layers.append(dense(spec.outputs, None, len(spec.hidden)))
     return layers
 
@@ -143,7 +54,7 @@ class KerasSubclassMLP(keras.Model):
 
     def call(self, x, training=False):
         for layer in self.stack:
-            x = layer(x, training=training) if isinstance(layer, HashedDropout) else layer(x)
+            x = layer(x, training=training) if isinstance(layer, Dropout) else layer(x)
         return x
 
 

@@ -49,7 +49,7 @@ def resolve(name: str, xla: bool) -> Precision:
     import tensorflow as tf
     if tf.config.list_physical_devices("GPU"):
         return Precision("float16", "auto: a GPU is present (float16 with dynamic loss scaling)")
-    from fastcore import calibrate
+    from fastcore.observe import calibrate
     path = "xla" if xla else "graph"
     peaks = calibrate.peaks([("float32", path), ("bfloat16", path)])
     f32, bf16 = peaks[f"float32/{path}"][0], peaks[f"bfloat16/{path}"][0]

@@ -1,0 +1,96 @@
+"""One CLI run, start to finish: plan, optional verify, Trainer.fit, summary.json, exit code."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import pipelines
+
+from fastcore import atomic
+from fastcore.cli import plan as planning, quiet
+from fastcore.errors import CheckpointMismatch, NonFiniteError, PreflightError, UsageError
+from fastcore.observe import tensorboard
+
+
+def config_from_args(args: argparse.Namespace) -> planning.RunConfig:
+    fields = {f.name for f in dataclasses.fields(planning.RunConfig)}
+    return planning.RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def summary_fields(p: planning.Plan) -> dict:
+    """What the run is, at the head of summary.json."""
+    return {"task": p.task.name, "model_api": p.config.model_api}
+
+
+def train_and_summarize(p: planning.Plan, out=sys.stdout) -> tuple[dict, object]:
+    """Verify (when asked) and train the plan; returns the summary and the trainer's engine (None if
+    verify failed). Raises NonFiniteError (its .summary holds the summary), PreflightError, CheckpointMismatch."""
+    trainer, c = p.trainer, p.config
+    head = {**summary_fields(p), "precision": p.precision.name, "precision_reason": p.precision.reason,
+            "mode": c.mode, "xla": c.mode == "xla", "batch_size": p.batch_size, "steps_per_call": p.steps_per_call,
+            "epochs": p.total_steps / p.steps_per_epoch, "train_data": p.train.source, "eval_data": p.eval.source}
+    if c.verify:
+        report = trainer.verify(p.feed, steps=c.verify)
+        print("\n".join(report.lines()), file=out, flush=True)
+        head["verify"] = report.to_json()
+        if not report.passed:
+            return head, None
+    result = trainer.fit(p.feed, steps=p.total_steps, validation_data=p.eval,
+                         validation_batch_size=planning.eval_batch_size(p), run_dir=p.run_dir,
+                         checkpoint_dir=p.checkpoint_dir, checkpoint_every=c.checkpoint_every, resume=c.resume,
+                         profile_steps=c.profile_steps, summary_every=c.summary_every,
+                         deterministic=c.deterministic, out=out, summary_fields=head)
+    return result.summary, trainer.engine
+
+
+def main(args: argparse.Namespace) -> int:
+    quiet.silence_python_logs()
+    config = config_from_args(args)
+    try:
+        p = planning.plan(config)
+    except (UsageError, pipelines.DataError) as e:
+        print(f"fastcore-train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{p.task.name}: {len(p.train.x):,} train ({p.train.source}), {len(p.eval.x):,} eval ({p.eval.source}); "
+          f"{config.model_api}, {config.mode}, {p.precision.name} ({p.precision.reason}), "
+          f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
+    path = os.path.join(p.run_dir, "summary.json")
+    if config.resume and not _has_checkpoint(p.checkpoint_dir):
+        print(f"--resume: no checkpoint in {p.checkpoint_dir} yet; starting from step 0", flush=True)
+    try:
+        summary, _ = train_and_summarize(p)
+    except (CheckpointMismatch, UsageError, pipelines.DataError) as e:
+        print(f"fastcore-train: error: {e}", file=sys.stderr)
+        return 2
+    except PreflightError as e:
+        print(f"fastcore-train: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteError as e:
+        print(f"fastcore-train: stopped: {e}", file=sys.stderr)
+        return 3
+    if "verify" in summary and not summary["verify"]["passed"]:
+        atomic.write_json(path, summary)
+        print(f"verify failed; nothing trained. Details: {path}", file=sys.stderr)
+        return 1
+    if summary["resumed_from"]:
+        print(f"resumed from {summary['resumed_from']}", flush=True)
+    if summary["skipped_steps"]:
+        print(f"{summary['skipped_steps']} steps skipped by the float16 loss scaler (non-finite gradients)", flush=True)
+    if "examples_per_sec" in summary:
+        print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
+              f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
+    elif "first_call_seconds" in summary:
+        print(f"{summary['steps']} steps in one compiled call ({summary['first_call_seconds']:.2f} s with compile): "
+              f"too short for a steady-state throughput figure", flush=True)
+    print("\n".join(tensorboard.final_lines(summary)), flush=True)
+    if tensorboard.retrace_warning(summary):
+        print(tensorboard.retrace_warning(summary), file=sys.stderr, flush=True)
+    print(f"summary: {path}", flush=True)
+    return 0
+
+
+def _has_checkpoint(folder: str) -> bool:
+    import tensorflow as tf
+    return bool(tf.train.latest_checkpoint(folder))

@@ -1,0 +1,177 @@
+"""User data -> what a compiled step needs: fixed-shape batches, K per call, repeated, prefetched.
+
+Two kinds of input:
+  - numpy arrays (x, y): the in-memory fast path (pipelines.train_stream: data held in variables, one
+    gather per batch, a stateless per-epoch shuffle; the iterator is checkpointable);
+  - any tf.data.Dataset of batches (tuples, dicts or single tensors, streamed from files or not).
+Everything that would otherwise fail late is checked here, before the first step: a dimension that
+varies (every new shape would compile again), an unknown epoch length, a pipeline whose position
+cannot be checkpointed (said once; checkpoints then hold weights and optimizer only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+import pipelines
+from fastcore.errors import UsageError
+
+PREFETCH = 2   # compiled calls' batches ready ahead (see pipelines.common for the measurements)
+
+
+@dataclasses.dataclass
+class Feed:
+    """An infinite stream of training calls: each element one batch, or K stacked when steps_per_call > 1."""
+    dataset: tf.data.Dataset
+    batch_size: int
+    steps_per_epoch: int
+    examples: int | None        # training examples per epoch, when known
+    source: str
+
+
+def is_dataset(data) -> bool:
+    return isinstance(data, tf.data.Dataset)
+
+
+def _arrays(x, y, source: str) -> pipelines.Arrays:
+    if y is None:
+        raise UsageError("numpy training data needs both x and y (a dataset carries its own labels)")
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise UsageError(f"x has {len(x)} examples but y has {len(y)}: they must match")
+    if x.dtype == np.float64:
+        x = x.astype(np.float32)
+    if y.dtype == np.float64:
+        y = y.astype(np.float32)
+    return pipelines.Arrays(x=x, y=y, source=source)
+
+
+def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, seed: int,
+                  steps_per_epoch: int | None = None, source: str | None = None) -> Feed:
+    """A Feed from arrays (x, y) or from a dataset of batches `x` (then y must be None)."""
+    if is_dataset(x):
+        if y is not None:
+            raise UsageError("y must be None when x is a tf.data.Dataset: its elements carry the labels")
+        return _dataset_feed(x, batch_size, steps_per_call, steps_per_epoch, source or "tf.data.Dataset")
+    data = x if isinstance(x, pipelines.Arrays) else _arrays(x, y, source or "numpy arrays")
+    batch_size = batch_size or 32
+    if batch_size > len(data):
+        raise UsageError(f"batch size {batch_size} is larger than the {len(data)} training examples: "
+                         f"use at most {len(data)}")
+    per_epoch = steps_per_epoch or len(data) // batch_size
+    stream = pipelines.train_stream(data, batch_size, seed, steps_per_call)
+    return Feed(stream, batch_size, per_epoch, per_epoch * batch_size, data.source)
+
+
+def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epoch, source) -> Feed:
+    dim = check_shapes(ds.element_spec, "training")
+    if dim is None:   # the last batch may be short: keep the full ones so every step has one shape
+        dim = batch_size or first_batch_size(ds)
+        ds = fixed_batches(ds, dim)
+        cardinality = None
+    else:
+        if batch_size and batch_size != dim:
+            raise UsageError(f"batch_size={batch_size} but the dataset's batches hold {dim}: "
+                             f"leave batch_size out (the dataset is already batched)")
+        cardinality = int(ds.cardinality())
+    if steps_per_epoch is None:
+        if cardinality is None or cardinality < 0:
+            kind = "infinite" if cardinality == tf.data.INFINITE_CARDINALITY else "of unknown length"
+            raise UsageError(f"the training dataset is {kind}: pass steps_per_epoch (or batch it with "
+                             f"drop_remainder=True / assert_cardinality so its length is known)")
+        steps_per_epoch = cardinality
+    if steps_per_epoch <= 0:
+        raise UsageError("the training dataset holds no full batch: it is empty or smaller than one batch")
+    ds = ds.repeat()
+    if steps_per_call > 1:
+        ds = ds.batch(steps_per_call, drop_remainder=True)
+    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, None, source)
+
+
+def check_shapes(spec, what: str) -> int | None:
+    """The static batch size of a dataset of batches (None if it varies); refuses any other varying dim."""
+    batch_dims = set()
+    for path, leaf in _leaves(spec):
+        shape = leaf.shape
+        if shape.rank is None or shape.rank == 0:
+            raise UsageError(f"the {what} dataset's element {path} has shape {shape}: elements must be "
+                             f"batches with a leading batch dimension (use dataset.batch(B))")
+        unknown = [i for i, d in enumerate(shape.as_list()[1:], start=1) if d is None]
+        if unknown:
+            raise UsageError(f"the {what} dataset's element {path} has shape {shape}: dimension {unknown[0]} "
+                             f"varies, and each new size would compile the step again; pad or crop it to a "
+                             f"fixed size (e.g. padded_batch with padded_shapes)")
+        batch_dims.add(shape[0])
+    if len(batch_dims) > 1:
+        raise UsageError(f"the {what} dataset's elements have different batch sizes {sorted(map(str, batch_dims))}")
+    return batch_dims.pop()
+
+
+def _leaves(spec):
+    flat = tf.nest.flatten_with_joined_string_paths(spec)
+    return [(f"'{path}'" if path else "", leaf) for path, leaf in flat]
+
+
+def first_batch_size(ds: tf.data.Dataset) -> int:
+    for element in ds.take(1):
+        return int(tf.shape(tf.nest.flatten(element)[0])[0])
+    raise UsageError("the dataset is empty")
+
+
+def fixed_batches(ds: tf.data.Dataset, size: int) -> tf.data.Dataset:
+    """Only batches of exactly `size`, with that size in their static shape (one trace)."""
+    def full(*element):
+        return tf.equal(tf.shape(tf.nest.flatten(element)[0])[0], size)
+
+    def pin(*element):
+        element = element[0] if len(element) == 1 else element
+        return tf.nest.map_structure(lambda t: tf.ensure_shape(t, [size] + t.shape.as_list()[1:]), element)
+    return ds.filter(full).map(pin)
+
+
+def eval_batches(data, y=None, *, batch_size: int | None) -> tf.data.Dataset:
+    """(batch, weights) pairs covering every example exactly once, all of one shape: the last batch
+    is zero-padded with weight 0. `data` is arrays (x, y) or a dataset of batches (y None)."""
+    if is_dataset(data):
+        return _padded_dataset(data, batch_size)
+    arrays = data if isinstance(data, pipelines.Arrays) else _arrays(data, y, "numpy arrays")
+    size = min(len(arrays), batch_size or max(1024, 1))
+    stream = pipelines.eval_stream(arrays, size)
+    return stream.map(lambda x, y, w: ((x, y), w))
+
+
+def _padded_dataset(ds: tf.data.Dataset, batch_size: int | None) -> tf.data.Dataset:
+    dim = check_shapes(ds.element_spec, "evaluation")
+    size = dim or batch_size or first_batch_size(ds)
+
+    def pad(*element):
+        element = element[0] if len(element) == 1 else element
+        n = tf.shape(tf.nest.flatten(element)[0])[0]
+        padded = tf.nest.map_structure(
+            lambda t: tf.ensure_shape(tf.pad(t, [[0, size - n]] + [[0, 0]] * (t.shape.rank - 1)),
+                                      [size] + t.shape.as_list()[1:]), element)
+        weights = tf.concat([tf.ones([n]), tf.zeros([size - n])], 0)
+        return padded, weights
+    return ds.map(pad).prefetch(PREFETCH)
+
+
+def checkpointable(iterator) -> str | None:
+    """None if the iterator's position can be saved; else the first line of why not.
+
+    Tried once up front (a save to a temp folder) so a pipeline that cannot be saved (a Python
+    generator, a py_function) is known before training, not at the first checkpoint.
+    """
+    folder = tempfile.mkdtemp(prefix="fastcore-probe-")
+    try:
+        tf.train.Checkpoint(data=iterator).write(os.path.join(folder, "probe"))
+        return None
+    except (tf.errors.OpError, ValueError, TypeError) as e:
+        text = str(e).strip().splitlines()
+        return text[0][:160] if text else type(e).__name__
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

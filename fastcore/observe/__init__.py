@@ -1,0 +1,1 @@
+"""Observation: throughput meter, TensorBoard scalars and profile window, FLOPs, calibration, the doctor."""

@@ -1,0 +1,480 @@
+"""`fastcore.Trainer`: the public entry point. Your model(s), optimizer(s), loss or step; fastcore's guarantees.
+
+    trainer = fastcore.Trainer(model, keras.optimizers.Adam(1e-3), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    result = trainer.fit(x, y, batch_size=500, epochs=5, validation_data=(xv, yv), run_dir="profiles/higgs")
+
+Who owns what: the user owns the model, the optimizer(s) and either a loss (fastcore writes the step) or
+a step function (`step(batch, ctx) -> fastcore.Update`, computing losses and gradients with its own
+GradientTape). fastcore owns compiling it (XLA / graph / eager twin), feeding it, the finiteness guard
+and float16 loss scaling, the loop, checkpoints, the pre-flight check, verify, and observation.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+import keras
+import tensorflow as tf
+
+from fastcore import atomic
+from fastcore.callbacks import Callback
+from fastcore.engine import autoprecision, checkpoint, feeding, preflight, verify as verifying
+from fastcore.engine.loop import Loop, NonFiniteLoss
+from fastcore.engine.precision import Precision, resolve
+from fastcore.engine.step import MODES, Engine, StepContext, Update
+from fastcore.errors import NonFiniteError, PreflightError, UsageError
+from fastcore.observe import flops, tensorboard
+from fastcore.observe.progress import Progress
+
+CALL_EXAMPLES = 8192   # default steps per call: about this many examples per compiled call...
+MAX_STEPS_PER_CALL = 64   # ...and at most this many steps (progress and checkpoints stay timely)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `Trainer.fit` returns: per-epoch history (train_<name>, eval_<name>) and the run's summary."""
+    history: list[dict]
+    summary: dict
+    run_dir: str | None
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+class Trainer:
+    """Trains your model(s) with compiled steps, checked against their eager twin.
+
+    Args:
+      model: a Keras model (any API), a tf.Module, or a zero-argument factory returning one; or a dict
+        of named ones (several models, e.g. {"gen": ..., "disc": ...}). Factories are called under the
+        run's Keras dtype policy, which is what lets `precision` other than float32 (and auto) work;
+        `training=` and `.losses` are used when the model has them.
+      optimizer: a Keras optimizer or any object with `apply_gradients`; or a dict of them, each named
+        after the model it updates. float16 wraps Keras optimizers in LossScaleOptimizer.
+      loss: with one model, a Keras loss object, a Keras loss name, or any callable
+        `(y_true, y_pred) -> per-example loss`; fastcore writes the step. Data elements are (x, y) or
+        (x, y, sample_weight).
+      metrics: callables `(y_true, y_pred) -> per-example values` (list, or dict by name), evaluated on
+        validation data.
+      step: instead of `loss`, your step function `step(batch, ctx) -> fastcore.Update`; see StepContext.
+      eval_step: with `step`, optional `eval_step(batch, ctx) -> {name: per-example values}`.
+      precision: float32 | bfloat16 | float16 | auto (auto needs model factories to time both).
+      mode: xla (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
+      steps_per_call: K optimizer steps per compiled call (default: about 8k examples, at most 64,
+        dividing the epoch).
+      seed: for fastcore's data order, `ctx.seed()` and the weights of factory-built models.
+      preflight: compare compiled and eager on the first batch before training (default True).
+    """
+
+    def __init__(self, model, optimizer, loss=None, *, metrics=None, step: Callable | None = None,
+                 eval_step: Callable | None = None, precision: str = "float32", mode: str = "xla",
+                 steps_per_call: int | None = None, seed: int = 0, preflight: bool = True):
+        if mode not in MODES:
+            raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if (loss is None) == (step is None):
+            raise UsageError("give either loss= (fastcore writes the step) or step= (your step function), not "
+                             + ("both" if loss is not None else "neither"))
+        if steps_per_call is not None and steps_per_call <= 0:
+            raise UsageError(f"steps_per_call={steps_per_call} must be positive")
+        self.model_specs = _named(model, "model")
+        self.optimizer_specs = _named(optimizer, "optimizer")
+        for name, opt in self.optimizer_specs.items():
+            if not hasattr(opt, "apply_gradients"):
+                raise UsageError(f"optimizer {name!r} ({type(opt).__name__}) has no apply_gradients method")
+        if loss is not None and len(self.model_specs) != 1:
+            raise UsageError("loss= trains one model; with several models, write a step function (step=)")
+        self.loss, self.metrics = loss, _named_metrics(metrics)
+        self.step_fn, self.eval_fn = step, eval_step
+        self.precision_name, self.mode, self.steps_per_call = precision, mode, steps_per_call
+        self.seed, self.run_preflight = seed, preflight
+        self.engine: Engine | None = None
+        self.precision: Precision | None = None
+        self.preflight_report: preflight.PreflightReport | None = None
+        self._built_models: dict | None = None
+
+    # -- building ------------------------------------------------------------------------------------
+    @property
+    def factories(self) -> bool:
+        return all(_is_factory(m) for m in self.model_specs.values())
+
+    @property
+    def models(self) -> dict:
+        """The trained models by name (built on first use when given as factories)."""
+        if self._built_models is None:
+            self._built_models = self._build_models(self.precision or Precision("float32", "default"))
+        return self._built_models
+
+    def _build_models(self, precision: Precision) -> dict:
+        built = {}
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(precision.policy)
+        try:
+            keras.utils.set_random_seed(self.seed)
+            for name, spec in self.model_specs.items():
+                built[name] = spec() if _is_factory(spec) else spec
+        finally:
+            keras.config.set_dtype_policy(previous)
+        for name, m in built.items():
+            if not hasattr(m, "trainable_variables"):
+                raise UsageError(f"model {name!r} ({type(m).__name__}) has no trainable_variables: pass a Keras "
+                                 f"model, a tf.Module, or a factory returning one")
+            if not m.trainable_variables:
+                raise UsageError(f"model {name!r} has no trainable variables yet: build it (call it once on an "
+                                 f"example batch, or give keras.Input) before training")
+        return built
+
+    def _optimizers(self, precision: Precision, fresh: bool = False) -> dict:
+        out = {}
+        for name, opt in self.optimizer_specs.items():
+            opt = _clone_optimizer(opt) if fresh else opt
+            if precision.loss_scaling and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
+                if not isinstance(opt, keras.optimizers.Optimizer):
+                    raise UsageError(f"float16 needs dynamic loss scaling: optimizer {name!r} must be a Keras "
+                                     f"optimizer (wrapped in keras.optimizers.LossScaleOptimizer by fastcore)")
+                opt = keras.optimizers.LossScaleOptimizer(opt)
+            out[name] = opt
+        return out
+
+    def _make_engine(self, precision: Precision, mode: str, batch_size: int, models: dict, optimizers: dict) -> Engine:
+        step_fn, eval_fn = self.step_fn, self.eval_fn
+        if self.loss is not None:
+            model = next(iter(models.values()))
+            step_fn, eval_fn = loss_step(model, self.loss), loss_eval(model, self.loss, self.metrics)
+        return Engine(models, optimizers, step_fn, eval_fn=eval_fn, mode=mode, global_batch_size=batch_size,
+                      seed=self.seed, loss_scaling=precision.loss_scaling)
+
+    def _resolve_precision(self, feed: feeding.Feed) -> Precision:
+        proposal = resolve(self.precision_name, xla=self.mode == "xla")
+        if self.precision_name != "auto" or proposal.name != "bfloat16":
+            return proposal
+        if not self.factories or self._built_models is not None:
+            return Precision("float32", "auto: the model was passed built, so it cannot be rebuilt in bfloat16 to "
+                                        "time both; pass a factory (a function returning the model) to let auto choose")
+        shapes = ";".join(f"{name}:{type(m).__name__}:" + ",".join(str(v.shape) for v in m.trainable_variables)
+                          for name, m in self._build_models(Precision("float32", "key")).items())
+        key = f"step/{shapes}/b{feed.batch_size}/k{self._steps_per_call(feed)}/{self.mode}"
+        return autoprecision.confirm(proposal, key, lambda: self._time_precisions(feed))
+
+    def _time_precisions(self, feed: feeding.Feed) -> dict[str, float]:
+        batch = next(iter(feed.dataset.take(1)))
+        k = self._steps_per_call(feed)
+        calls = {}
+        for name in ("float32", "bfloat16"):
+            p = Precision(name, "timing")
+            engine = self._make_engine(p, self.mode, feed.batch_size, self._build_models(p), self._optimizers(p, fresh=True))
+            fn = engine.train_many if k > 1 else engine.train_one
+            calls[name] = lambda fn=fn: tf.nest.map_structure(lambda t: t.numpy(), fn(batch))
+        return autoprecision.time_calls(calls, feed.batch_size * k)
+
+    def _steps_per_call(self, feed: feeding.Feed) -> int:
+        if self.steps_per_call:
+            return self.steps_per_call
+        target = max(1, min(MAX_STEPS_PER_CALL, CALL_EXAMPLES // feed.batch_size))
+        return largest_divisor_at_most(feed.steps_per_epoch, target)
+
+    def build(self, feed: feeding.Feed, resume_from: str | None = None) -> Engine:
+        """Resolve the precision, build the models (factories) and optimizers, and set up the compiled step
+        for `feed`'s batch size. fit() and verify() call it; call it first to read `trainer.precision`.
+        `resume_from`: a checkpoint folder whose recorded precision `auto` adopts."""
+        if self.engine is not None:
+            if self.engine.global_batch_size != feed.batch_size:
+                raise UsageError(f"this Trainer compiled its step for batch size {self.engine.global_batch_size}; "
+                                 f"got {feed.batch_size}: use a new Trainer for another batch size")
+            return self.engine
+        recorded = checkpoint.recorded_precision(resume_from) if resume_from else None
+        if self.precision_name == "auto" and recorded:   # a resumed run keeps the precision it was trained in
+            self.precision = Precision(recorded, "auto: as trained in the checkpoint it resumes")
+        else:
+            self.precision = self._resolve_precision(feed)
+        if self.precision.name != "float32" and not self.factories:
+            policy = getattr(next(iter(self.models.values())), "dtype_policy", None)
+            if policy is not None and getattr(policy, "name", None) != self.precision.policy:
+                raise UsageError(f"precision {self.precision.name} needs the model built under the "
+                                 f"{self.precision.policy} policy: pass a factory (a function returning the "
+                                 f"model) and fastcore builds it so")
+        models = self.models
+        self.engine = self._make_engine(self.precision, self.mode, feed.batch_size, models,
+                                        self._optimizers(self.precision))
+        return self.engine
+
+    # -- public calls --------------------------------------------------------------------------------
+    def feed(self, x, y=None, *, batch_size: int | None = None, steps_per_epoch: int | None = None,
+             source: str | None = None) -> feeding.Feed:
+        """The training stream fit() would use (K batches stacked per element when steps_per_call > 1);
+        fit(), verify() and build() accept it in place of x, so data is loaded once."""
+        if isinstance(x, feeding.Feed):
+            return x
+        probe = feeding.training_feed(x, y, batch_size=batch_size, steps_per_call=1, seed=self.seed,
+                                      steps_per_epoch=steps_per_epoch, source=source)
+        k = self._steps_per_call(probe)
+        if k == 1:
+            return probe
+        return feeding.training_feed(x, y, batch_size=batch_size, steps_per_call=k, seed=self.seed,
+                                     steps_per_epoch=steps_per_epoch, source=source)
+
+    def preflight(self, first_call) -> preflight.PreflightReport:
+        """Compare compiled and eager losses and gradients on the first batch of `first_call`; raise
+        PreflightError (the one line) when they disagree. Changes no weight."""
+        engine = self.engine
+        batch = tf.nest.map_structure(lambda t: t[0], first_call) if self._k > 1 else first_call
+        report = preflight.check(engine, batch, self.precision.name)
+        self.preflight_report = report
+        if not report.passed:
+            raise PreflightError(report.line(), report)
+        return report
+
+    def verify(self, x, y=None, *, steps: int = 20, batch_size: int | None = None,
+               steps_per_epoch: int | None = None) -> verifying.Report:
+        """Run `steps` steps compiled and `steps` eagerly from one state on the same batches and compare
+        every variable (the eager reference twin). The state is put back afterwards; nothing is trained.
+        bfloat16/float16 are judged against a float32 eager reference (needs model factories)."""
+        if steps <= 0:
+            raise UsageError(f"verify steps={steps} must be positive")
+        feed = self.feed(x, y, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+        engine = self.build(feed)
+        self._k = self._steps_per_call(feed)
+        batches = list(feed.dataset.take(math.ceil(steps / self._k)))
+        reference = None
+        if self.precision.name != "float32":
+            if not self.factories:
+                raise UsageError(f"verify in {self.precision.name} compares against a float32 reference built "
+                                 f"from the model's factory: pass the model as a factory")
+            f32 = Precision("float32", "reference")
+            reference = self._make_engine(f32, "eager", feed.batch_size, self._build_models(f32),
+                                          self._optimizers(f32, fresh=True))
+        mode_engine = engine if engine.mode != "eager" else None
+        if mode_engine is None:
+            raise UsageError("verify compares the compiled step with the eager one: use mode='xla' or 'graph'")
+        return verifying.verify(engine, batches, self.precision, self._k > 1, reference)
+
+    def fit(self, x=None, y=None, *, batch_size: int | None = None, epochs: int = 1, steps: int | None = None,
+            steps_per_epoch: int | None = None, validation_data=None, validation_batch_size: int | None = None,
+            run_dir: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
+            resume: bool = False, profile_steps: str | None = None, summary_every: int | None = None,
+            deterministic: bool = False, callbacks: Sequence[Callback] = (), verbose: bool = True,
+            out: TextIO | None = None, summary_fields: Mapping[str, Any] | None = None,
+            train_source: str | None = None) -> FitResult:
+        """Train; Keras-like arguments plus what Keras lacks. Returns FitResult(history, summary, run_dir).
+
+        x, y: numpy arrays (in-memory fast path), or x a tf.data.Dataset of batches (tuples or dicts) and
+          y None. validation_data: (x_val, y_val) arrays or a dataset of batches; every example counts
+          exactly once. epochs, or steps (total optimizer steps); steps_per_epoch for a dataset of
+          unknown length.
+        run_dir: where TensorBoard scalars, the profile trace, checkpoints and summary.json go (None: no
+          files). checkpoint_dir defaults to <run_dir>/checkpoints; checkpoint_every in steps (default: an
+          epoch); resume continues from its latest checkpoint. profile_steps "A:B" traces steps A..B.
+        deterministic: TensorFlow op determinism (a resumed run then ends bit-identical).
+        Raises UsageError/DataError for bad input, PreflightError, NonFiniteError (with .summary),
+        CheckpointMismatch; all with one-line messages.
+        """
+        out = out or sys.stdout
+        feed = self.feed(x, y, batch_size=batch_size, steps_per_epoch=steps_per_epoch, source=train_source)
+        self._k = k = self._steps_per_call(feed)
+        if epochs is not None and epochs <= 0 and steps is None:
+            raise UsageError(f"epochs={epochs} must be positive")
+        if steps is not None and steps <= 0:
+            raise UsageError(f"steps={steps} must be positive")
+        total = steps if steps is not None else epochs * feed.steps_per_epoch
+        total = math.ceil(total / k) * k
+        tensorboard.check_options(profile_steps, summary_every, total)
+        for name, folder in (("run_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
+            atomic.check_writable(name, folder)
+        if self.loss is not None:
+            _check_supervised(feed.dataset.element_spec, k)
+        checkpoint_dir = checkpoint_dir or (os.path.join(run_dir, "checkpoints") if run_dir else None)
+        engine = self.build(feed, resume_from=checkpoint_dir if resume else None)
+        if validation_data is not None:
+            if isinstance(validation_data, tuple) and not feeding.is_dataset(validation_data[0]):
+                evaluation = feeding.eval_batches(validation_data[0], validation_data[1], batch_size=validation_batch_size)
+            else:
+                evaluation = feeding.eval_batches(validation_data, batch_size=validation_batch_size)
+            if engine.eval_fn is None:
+                raise UsageError("validation_data needs an eval_step (a step function has no default evaluation)")
+        else:
+            evaluation = None
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+        summary = {**(summary_fields or {}), "precision": self.precision.name,
+                   "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
+                   "batch_size": feed.batch_size, "steps_per_call": k, "epochs": total / feed.steps_per_epoch,
+                   "train_data": feed.source}
+        loop_callbacks: list[Callback] = []
+        observer = None
+        if run_dir:
+            observer = tensorboard.Observer(run_dir, os.path.dirname(os.path.normpath(run_dir)) or ".",
+                                            profile_steps, summary_every)
+            loop_callbacks += observer.callbacks
+        checkpoints = None
+        loop = Loop(engine, feed.dataset, evaluation, total, feed.steps_per_epoch, k, feed.batch_size)
+        if checkpoint_dir:
+            unsaveable = feeding.checkpointable(loop.iterator)
+            if unsaveable and verbose:
+                print(f"note: the training data's position cannot be checkpointed ({unsaveable}); checkpoints "
+                      f"hold the models, optimizers and step counter, and a resumed run restarts the data from "
+                      f"its beginning", file=out, flush=True)
+            checkpoints = checkpoint.Checkpoints(checkpoint_dir, checkpoint_every or feed.steps_per_epoch, resume,
+                                                 self.precision.name, with_data=unsaveable is None)
+            loop_callbacks.append(checkpoints)
+        if verbose:
+            loop_callbacks.append(Progress(out=out))
+        loop.callbacks = [*loop_callbacks, *callbacks]
+
+        if self.run_preflight and self.mode != "eager" and not (resume and checkpoint_dir and
+                                                                 tf.train.latest_checkpoint(checkpoint_dir)):
+            first = next(iter(feed.dataset.take(1)))
+            report = self.preflight(first)
+            summary["preflight"] = report.to_json()
+            if verbose:
+                print(report.line(), file=out, flush=True)
+        try:
+            history = loop.run()
+        except NonFiniteLoss as e:
+            last = checkpoints.latest if checkpoints else None
+            summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
+            if run_dir:
+                atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
+            raise NonFiniteError(e.step, last, summary) from None
+        final = history[-1]
+        summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
+                        "eval": {k_[len("eval_"):]: v for k_, v in final.items() if k_.startswith("eval_")},
+                        "skipped_steps": engine.skipped_steps, "traces": engine.ledger.counts(),
+                        "checkpoint": checkpoints.latest if checkpoints else None,
+                        "resumed_from": checkpoints.restored_from if checkpoints else None,
+                        "history": history})
+        summary["flops_per_example"] = self.flops_per_example(feed)
+        if "examples_per_sec" in summary:
+            summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
+                                                   self.precision.name, self.mode))
+        if observer:
+            summary.update(observer.report(engine.ledger, self.mode, summary))
+        else:
+            retraces = engine.ledger.retraces()
+            summary.update({"retraced": bool(retraces), "retraces": retraces})
+        if run_dir:
+            atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
+        return FitResult(history, summary, run_dir)
+
+    def flops_per_example(self, feed: feeding.Feed) -> float | None:
+        """Training FLOPs per example, counted from one step's graph (fastcore.observe.flops)."""
+        engine = self.engine
+        spec = feed.dataset.element_spec
+        if self._k > 1:
+            spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec)
+        fn = tf.function(lambda b: preflight.outputs(engine, b))
+        count = flops.count_flops(fn.get_concrete_function(spec))
+        return count / feed.batch_size if count else None
+
+
+# -- the step fastcore writes for a loss -------------------------------------------------------------
+def per_example_loss(loss) -> Callable:
+    """`(y_true, y_pred) -> per-example` from a Keras loss object, a Keras loss name, or a callable."""
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call   # Loss.call is the unreduced per-example loss (no reduction, no weights)
+    if isinstance(loss, str):
+        return keras.losses.get(loss)
+    if callable(loss):
+        return loss
+    raise UsageError(f"loss {loss!r} is not a Keras loss or a callable (y_true, y_pred) -> per-example loss")
+
+
+def _unpack(batch):
+    if isinstance(batch, Mapping):
+        raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight); this dataset yields "
+                         "dicts: map it, e.g. ds.map(lambda d: (d['image'], d['label']))")
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight)")
+
+
+def _per_example(v):
+    v = tf.cast(v, tf.float32)
+    if v.shape.rank == 1:
+        return v
+    if v.shape.rank == 0:
+        raise UsageError("the loss returned a scalar: it must return one value per example (a Keras loss "
+                         "object, or a callable without reduction)")
+    return tf.reduce_mean(tf.reshape(v, [tf.shape(v)[0], -1]), axis=1)
+
+
+def loss_step(model, loss) -> Callable:
+    """The step fastcore writes for `loss`: sum of per-example losses / global batch + regularization."""
+    loss_fn = per_example_loss(loss)
+
+    def step(batch, ctx: StepContext) -> Update:
+        x, y, weights = _unpack(batch)
+        with tf.GradientTape() as tape:
+            out = tf.cast(ctx.call(model, x), tf.float32)
+            per = _per_example(loss_fn(y, out))
+            if weights is not None:
+                per = per * tf.cast(tf.reshape(weights, [-1]), tf.float32)
+            # Sum / global batch (not mean): stays right when tf.distribute splits the batch.
+            value = tf.reduce_sum(per) / ctx.global_batch_size + ctx.regularization(model)
+            scaled = ctx.scale(value)
+        variables = model.trainable_variables
+        return Update(value, zip(tape.gradient(scaled, variables), variables))
+    return step
+
+
+def loss_eval(model, loss, metrics: dict) -> Callable:
+    """Per-example loss and metrics on a batch, the model in inference mode."""
+    loss_fn = per_example_loss(loss)
+
+    def evaluate(batch, ctx: StepContext) -> dict:
+        x, y, _ = _unpack(batch)
+        out = tf.cast(ctx.call(model, x), tf.float32)
+        values = {"loss": _per_example(loss_fn(y, out))}
+        values.update({name: _per_example(fn(y, out)) for name, fn in metrics.items()})
+        return values
+    return evaluate
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _is_factory(spec) -> bool:
+    return callable(spec) and not hasattr(spec, "trainable_variables")
+
+
+def _named(value, what: str) -> dict:
+    if isinstance(value, Mapping):
+        if not value:
+            raise UsageError(f"no {what}: give one, or a dict of named ones")
+        return dict(value)
+    if value is None:
+        raise UsageError(f"no {what} given")
+    return {what: value}
+
+
+def _named_metrics(metrics) -> dict:
+    if metrics is None:
+        return {}
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    out = {}
+    for fn in metrics:
+        if not callable(fn):
+            raise UsageError(f"metric {fn!r} is not callable: give (y_true, y_pred) -> per-example values")
+        out[getattr(fn, "__name__", None) or getattr(fn, "name", None) or f"metric_{len(out)}"] = fn
+    return out
+
+
+def _clone_optimizer(opt):
+    """A fresh optimizer with `opt`'s settings (for the float32 reference twin and auto's timing)."""
+    if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+        opt = opt.inner_optimizer
+    if isinstance(opt, keras.optimizers.Optimizer):
+        return type(opt).from_config(opt.get_config())
+    return copy.deepcopy(opt)
+
+
+def _check_supervised(spec, k: int) -> None:
+    if isinstance(spec, Mapping):
+        raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight); this dataset yields "
+                         "dicts: map it, e.g. ds.map(lambda d: (d['image'], d['label']))")
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+        raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight)")
