@@ -52,7 +52,7 @@ class Trainer:
 
     Args:
       model: a Keras model (any API), a tf.Module, or a zero-argument factory returning one; or a dict
-        of named ones (several models, e.g. {"gen": ..., "disc": ...}). Factories are called under the
+        of named ones (several models, e.g. {"gen": ..., "disc": ...}), or one factory returning such a dict. Factories are called under the
         run's Keras dtype policy, which is what lets `precision` other than float32 (and auto) work;
         `training=` and `.losses` are used when the model has them.
       optimizer: a Keras optimizer or any object with `apply_gradients`; or a dict of them, each named
@@ -63,6 +63,8 @@ class Trainer:
       metrics: callables `(y_true, y_pred) -> per-example values` (list, or dict by name), evaluated on
         validation data.
       step: instead of `loss`, your step function `step(batch, ctx) -> fastcore.Update`; see StepContext.
+        It is traced by tf.function without AutoGraph (as Keras 3 traces its train step): write
+        data-dependent branches with tf.cond / tf.where.
       eval_step: with `step`, optional `eval_step(batch, ctx) -> {name: per-example values}`.
       precision: float32 | bfloat16 | float16 | auto (auto needs model factories to time both).
       mode: xla (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
@@ -118,6 +120,8 @@ class Trainer:
             keras.utils.set_random_seed(self.seed)
             for name, spec in self.model_specs.items():
                 built[name] = spec() if _is_factory(spec) else spec
+            if len(built) == 1 and isinstance(next(iter(built.values())), Mapping):
+                built = dict(next(iter(built.values())))   # one factory that builds several named models
         finally:
             keras.config.set_dtype_policy(previous)
         for name, m in built.items():
@@ -300,6 +304,7 @@ class Trainer:
             evaluation = None
         if deterministic:
             tf.config.experimental.enable_op_determinism()
+        engine.first_non_finite_step.assign(-1)   # a new fit starts healthy: no bad update was ever applied
 
         summary = {**(summary_fields or {}), "precision": self.precision.name,
                    "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
@@ -367,7 +372,7 @@ class Trainer:
         spec = feed.dataset.element_spec
         if self._k > 1:
             spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec)
-        fn = tf.function(lambda b: preflight.outputs(engine, b))
+        fn = tf.function(lambda b: preflight.outputs(engine, b), autograph=False)
         count = flops.count_flops(fn.get_concrete_function(spec))
         return count / feed.batch_size if count else None
 

@@ -113,8 +113,12 @@ def check_shapes(spec, what: str) -> int | None:
 
 
 def _leaves(spec):
-    flat = tf.nest.flatten_with_joined_string_paths(spec)
-    return [(f"'{path}'" if path else "", leaf) for path, leaf in flat]
+    """(name, spec) per leaf: 'x', '0', 'features' ... so a message can point at the element that is wrong."""
+    if isinstance(spec, dict):
+        return [(f"'{key}'", leaf) for key in sorted(spec) for _, leaf in _leaves(spec[key])]
+    if isinstance(spec, (tuple, list)):
+        return [(f"{i}", leaf) for i, part in enumerate(spec) for _, leaf in _leaves(part)]
+    return [("x", spec)]
 
 
 def first_batch_size(ds: tf.data.Dataset) -> int:

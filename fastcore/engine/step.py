@@ -314,7 +314,7 @@ class Engine:
     def log_names(self, batch_spec) -> tuple[str, ...]:
         """The names a step logs, found by tracing the step function once in a throwaway graph."""
         if self._log_names is None:
-            fn = tf.function(lambda b: self.compute(b)[0])
+            fn = tf.function(lambda b: self.compute(b)[0], autograph=False)
             self._log_names = tuple(fn.get_concrete_function(batch_spec).structured_outputs)
         return self._log_names
 
@@ -325,11 +325,13 @@ class Engine:
         """K optimizer steps over stacked batches (every leaf [K, B, ...]); returns the mean of each log."""
         k = tf.shape(tf.nest.flatten(batches)[0])[0]
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
-        totals = {name: tf.constant(0.0) for name in self.log_names(spec)}
-        for i in tf.range(k):
+        names = self.log_names(spec)
+
+        def body(i, totals):
             logs = self.train_step(tf.nest.map_structure(lambda t: t[i], batches))
-            totals = {name: totals[name] + logs[name] for name in totals}
-        return {name: total / tf.cast(k, tf.float32) for name, total in totals.items()}
+            return i + 1, [total + logs[name] for total, name in zip(totals, names)]
+        _, totals = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), [tf.constant(0.0) for _ in names]))
+        return {name: total / tf.cast(k, tf.float32) for name, total in zip(names, totals)}
 
     def eval_call(self, batch, weights) -> tf.Tensor:
         """[weighted sum of each eval value..., weight sum] for one padded batch (weight 0 on padding)."""
@@ -356,7 +358,9 @@ class Engine:
     def _compile(self, fn):
         if self.mode == "eager":
             return fn
-        return tf.function(fn, jit_compile=self.mode == "xla")
+        # No AutoGraph (as in Keras 3's train step): errors raised while tracing the step keep their type
+        # and one-line message; data-dependent branches in a step function use tf.cond / tf.where.
+        return tf.function(fn, jit_compile=self.mode == "xla", autograph=False)
 
 
 def _losses(loss) -> dict:

@@ -129,8 +129,11 @@ def verify(engine, batches: list, precision: Precision, stacked: bool, reference
     if not low_precision:
         worst = max(compiled_vs_eager, key=lambda d: d.max_rel)
         passed = worst.max_rel <= FLOAT32_RTOL
-        verdict = (f"compiled and eager agree: worst relative difference {worst.max_rel:.2e} ({worst.name}) "
-                   f"{'<=' if passed else '>'} tolerance {FLOAT32_RTOL:g}")
+        verdict = (f"compiled and eager {'agree' if passed else 'disagree'}: worst relative difference "
+                   f"{worst.max_rel:.2e} ({worst.name}) {'<=' if passed else '>'} tolerance {FLOAT32_RTOL:g}")
+        if not passed:
+            verdict += ("; a miscompile, or random numbers that differ between the two paths (keras Dropout, "
+                        "tf.random): use fastcore.layers.Dropout and fastcore.random, which draw the same on both")
         return Report("float32", steps, passed, verdict, compiled_vs_eager)
 
     if reference is None:
