@@ -26,7 +26,7 @@ def start(data_dir, logdir, name, *extra):
 def final_weights(run_dir):
     path = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     reader = tf.train.load_checkpoint(path)
-    names = sorted(n for n, _ in tf.train.list_variables(path) if n.startswith("model/"))
+    names = sorted(n for n, _ in tf.train.list_variables(path) if n.startswith("models/"))
     assert names, "no model variables in the checkpoint"
     return path, {n: reader.get_tensor(n) for n in names}
 

@@ -58,11 +58,11 @@ class StepContext:
 
     @property
     def model(self):
-        return _only(self.models, "model")
+        return self._engine.model
 
     @property
     def optimizer(self):
-        return _only(self.optimizers, "optimizer")
+        return self._engine.optimizer
 
     def scale(self, loss, optimizer: str | None = None):
         """`loss` times the float16 loss scale of `optimizer` (a no-op otherwise): take gradients of this."""
