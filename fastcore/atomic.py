@@ -36,6 +36,6 @@ def check_writable(name: str, folder: str | None) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"{name} {folder}: {existing} is a file, not a folder; choose another {name}")
+        raise UsageError(f"{name} {folder!r}: {existing!r} is a file, not a folder; choose another {name}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{name} {folder}: {existing} is not writable; choose another {name}")
+        raise UsageError(f"{name} {folder!r}: {existing!r} is not writable; choose another {name}")

@@ -1,7 +1,7 @@
 """The faults fastcore reports, each as an exception whose message is the one line a user needs.
 
 The CLI maps them to exit codes: UsageError / DataError / CheckpointMismatch -> 2, PreflightError and a
-failed verify -> 1, NonFiniteError -> 3.
+failed verify -> 1, NonFiniteError -> 3, Interrupted -> 130 (SIGINT) / 143 (SIGTERM).
 """
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ class PreflightError(FastcoreError):
         self.report = report
 
 
+class Interrupted(FastcoreError):
+    """SIGINT or SIGTERM stopped the run after the compiled call in flight; a checkpoint was saved.
+
+    `signal` is "SIGINT" or "SIGTERM", `exit_code` 130 or 143, `summary` the run's summary (marked interrupted).
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None, exit_code: int, summary: dict | None = None):
+        where = f"checkpoint {checkpoint}; continue with --resume" if checkpoint else "no checkpoint (none configured)"
+        super().__init__(f"stopped by {signal_name} at step {step}; {where}")
+        self.signal, self.step, self.checkpoint, self.exit_code, self.summary = (
+            signal_name, step, checkpoint, exit_code, summary)
+
+
 class NonFiniteError(FastcoreError):
     """A loss or gradient became NaN/Inf; that step's update (and any after it) was not applied.
 
@@ -35,6 +48,6 @@ class NonFiniteError(FastcoreError):
     """
 
     def __init__(self, step: int, last_good_checkpoint: str | None = None, summary: dict | None = None):
-        super().__init__(f"the loss or a gradient was NaN/Inf at step {step}; no update from it was applied; "
-                         f"last good checkpoint: {last_good_checkpoint or 'none saved yet'}")
+        super().__init__(f"the loss, a gradient or an updated weight was NaN/Inf at step {step}; no checkpoint was "
+                         f"written after it; last good checkpoint: {last_good_checkpoint or 'none saved yet'}")
         self.step, self.last_good_checkpoint, self.summary = step, last_good_checkpoint, summary

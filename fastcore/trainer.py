@@ -10,8 +10,10 @@ and float16 loss scaling, the loop, checkpoints, the pre-flight check, verify, a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -23,11 +25,11 @@ import tensorflow as tf
 
 from fastcore import atomic
 from fastcore.callbacks import Callback
-from fastcore.engine import autoprecision, checkpoint, feeding, preflight, verify as verifying
-from fastcore.engine.loop import Loop, NonFiniteLoss
+from fastcore.engine import autoprecision, checkpoint, feeding, preflight, runguard, verify as verifying
+from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
 from fastcore.engine.precision import Precision, resolve
 from fastcore.engine.step import MODES, Engine, StepContext, Update
-from fastcore.errors import NonFiniteError, PreflightError, UsageError
+from fastcore.errors import Interrupted, NonFiniteError, PreflightError, UsageError
 from fastcore.observe import flops, tensorboard
 from fastcore.observe.progress import Progress
 
@@ -263,7 +265,7 @@ class Trainer:
             resume: bool = False, profile_steps: str | None = None, summary_every: int | None = None,
             deterministic: bool = False, callbacks: Sequence[Callback] = (), verbose: bool = True,
             out: TextIO | None = None, summary_fields: Mapping[str, Any] | None = None,
-            train_source: str | None = None) -> FitResult:
+            identity: Mapping[str, Any] | None = None, train_source: str | None = None) -> FitResult:
         """Train; Keras-like arguments plus what Keras lacks. Returns FitResult(history, summary, run_dir).
 
         x, y: numpy arrays (in-memory fast path), or x a tf.data.Dataset of batches (tuples or dicts) and
@@ -274,8 +276,11 @@ class Trainer:
           files). checkpoint_dir defaults to <run_dir>/checkpoints; checkpoint_every in steps (default: an
           epoch); resume continues from its latest checkpoint. profile_steps "A:B" traces steps A..B.
         deterministic: TensorFlow op determinism (a resumed run then ends bit-identical).
+        identity: extra fields that make this run this run (a resume with any of them changed is refused).
+        A run directory is locked while fit runs (a second fit on it is refused). SIGINT/SIGTERM stop after
+        the compiled call in flight with a checkpoint and raise Interrupted.
         Raises UsageError/DataError for bad input, PreflightError, NonFiniteError (with .summary),
-        CheckpointMismatch; all with one-line messages.
+        CheckpointMismatch, Interrupted; all with one-line messages.
         """
         out = out or sys.stdout
         feed = self.feed(x, y, batch_size=batch_size, steps_per_epoch=steps_per_epoch, source=train_source)
@@ -310,49 +315,115 @@ class Trainer:
                    "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
                    "batch_size": feed.batch_size, "steps_per_call": k, "epochs": total / feed.steps_per_epoch,
                    "train_data": feed.source}
-        loop_callbacks: list[Callback] = []
-        observer = None
+        say = (lambda line: print(line, file=out, flush=True)) if verbose else (lambda line: None)
+        with contextlib.ExitStack() as guards:
+            for folder, what in ((run_dir, "run directory"), (checkpoint_dir, "checkpoint directory")):
+                if folder and not _inside(folder, run_dir if what != "run directory" else None):
+                    guards.enter_context(runguard.RunLock(folder, what))
+            if checkpoint_dir and not resume and checkpoint.on_disk(checkpoint_dir):
+                raise UsageError(f"{checkpoint_dir!r} already holds checkpoints (newest "
+                                 f"{os.path.basename(checkpoint.on_disk(checkpoint_dir)[0])}): continue that run with "
+                                 f"--resume (resume=True), or choose another --run-name / run_dir")
+            done = self._completed_run(checkpoint_dir, total, run_dir) if resume and checkpoint_dir else None
+            if done is not None:
+                say(done.summary.pop("note"))
+                return done
+            stop = guards.enter_context(runguard.StopSignals())
+            loop, checkpoints, observer = self._loop(engine, feed, evaluation, total, run_dir, checkpoint_dir,
+                                                     checkpoint_every, resume, profile_steps, summary_every,
+                                                     [*( [Progress(out=out)] if verbose else []), *callbacks],
+                                                     self._identity(feed, identity), say)
+            loop.should_stop = lambda: stop.received is not None
+            if self.run_preflight and self.mode != "eager" and not (resume and checkpoint.on_disk(checkpoint_dir or "")):
+                report = self.preflight(next(iter(feed.dataset.take(1))))
+                summary["preflight"] = report.to_json()
+                say(report.line())
+            try:
+                loop.run()
+            except NonFiniteLoss as e:
+                last = checkpoints.latest if checkpoints else None
+                summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
+                self._write_summary(run_dir, summary, say)
+                raise NonFiniteError(e.step, last, summary) from None
+            except StopRequested:
+                if checkpoints:
+                    checkpoints.on_train_end(loop)
+                latest = checkpoints.latest if checkpoints else None
+                summary["interrupted"] = {"signal": stop.name, "step": loop.steps_done, "checkpoint": latest}
+                self._report(summary, loop, engine, feed, checkpoints, observer)
+                self._write_summary(run_dir, summary, say)
+                raise Interrupted(stop.name, loop.steps_done, latest, runguard.EXIT_CODES[stop.received], summary) from None
+            self._report(summary, loop, engine, feed, checkpoints, observer)
+            self._write_summary(run_dir, summary, say)
+        return FitResult(summary["history"], summary, run_dir)
+
+    def _loop(self, engine, feed, evaluation, total, run_dir, checkpoint_dir, checkpoint_every, resume,
+              profile_steps, summary_every, extra_callbacks, identity, say):
+        """The loop with its callbacks: TensorBoard (run_dir), checkpoints (checkpoint_dir), the rest."""
+        loop = Loop(engine, feed.dataset, evaluation, total, feed.steps_per_epoch, self._k, feed.batch_size)
+        callbacks: list[Callback] = []
+        observer = checkpoints = None
         if run_dir:
             observer = tensorboard.Observer(run_dir, os.path.dirname(os.path.normpath(run_dir)) or ".",
                                             profile_steps, summary_every)
-            loop_callbacks += observer.callbacks
-        checkpoints = None
-        loop = Loop(engine, feed.dataset, evaluation, total, feed.steps_per_epoch, k, feed.batch_size)
+            callbacks += observer.callbacks
         if checkpoint_dir:
             unsaveable = feeding.checkpointable(loop.iterator)
-            if unsaveable and verbose:
-                print(f"note: the training data's position cannot be checkpointed ({unsaveable}); checkpoints "
-                      f"hold the models, optimizers and step counter, and a resumed run restarts the data from "
-                      f"its beginning", file=out, flush=True)
+            if unsaveable:
+                say(f"note: the training data's position cannot be checkpointed ({unsaveable}); checkpoints "
+                    f"hold the models, optimizers and step counter, and a resumed run restarts the data from "
+                    f"its beginning")
             checkpoints = checkpoint.Checkpoints(checkpoint_dir, checkpoint_every or feed.steps_per_epoch, resume,
-                                                 self.precision.name, with_data=unsaveable is None)
-            loop_callbacks.append(checkpoints)
-        if verbose:
-            loop_callbacks.append(Progress(out=out))
-        loop.callbacks = [*loop_callbacks, *callbacks]
+                                                 self.precision.name, identity, with_data=unsaveable is None, say=say)
+            callbacks.append(checkpoints)
+        loop.callbacks = [*callbacks, *extra_callbacks]
+        return loop, checkpoints, observer
 
-        if self.run_preflight and self.mode != "eager" and not (resume and checkpoint_dir and
-                                                                 tf.train.latest_checkpoint(checkpoint_dir)):
-            first = next(iter(feed.dataset.take(1)))
-            report = self.preflight(first)
-            summary["preflight"] = report.to_json()
-            if verbose:
-                print(report.line(), file=out, flush=True)
-        try:
-            history = loop.run()
-        except NonFiniteLoss as e:
-            last = checkpoints.latest if checkpoints else None
-            summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
-            if run_dir:
-                atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
-            raise NonFiniteError(e.step, last, summary) from None
-        final = history[-1]
+    def _identity(self, feed: feeding.Feed, extra: Mapping[str, Any] | None) -> dict:
+        """What makes a run the same run on resume: data, batch, K, seed, models, optimizers (+ the caller's)."""
+        def optimizer(opt):
+            inner = getattr(opt, "inner_optimizer", opt)
+            config = inner.get_config() if hasattr(inner, "get_config") else {}
+            keep = {k: v for k, v in config.items() if k not in ("name",) and isinstance(v, (int, float, str, bool))}
+            return {"class": type(inner).__name__, **keep}
+        return {"data": feed.fingerprint, "batch_size": feed.batch_size, "steps_per_call": self._k,
+                "seed": self.seed,
+                "models": {n: f"{type(m).__name__} " + " ".join(str(v.shape.as_list()) for v in m.trainable_variables)
+                           for n, m in self.engine.models.items()},
+                "optimizers": {n: optimizer(o) for n, o in self.engine.optimizers.items()},
+                **dict(extra or {})}
+
+    def _completed_run(self, checkpoint_dir: str, total: int, run_dir: str | None) -> FitResult | None:
+        """A resume of a run that already reached `total` steps changes nothing and says so."""
+        for prefix in checkpoint.on_disk(checkpoint_dir):
+            try:
+                meta = checkpoint.read_meta(prefix)
+            except Exception:
+                continue
+            if meta["steps"] < total:
+                return None
+            previous = {}
+            if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
+                with open(os.path.join(run_dir, "summary.json")) as f:
+                    previous = json.load(f)
+            previous.setdefault("history", meta.get("history", []))
+            previous["note"] = (f"the run is complete: {prefix} is at step {meta['steps']} of {total}; nothing "
+                                f"changed (give more epochs or steps to extend it)")
+            return FitResult(previous["history"], previous, run_dir)
+        return None
+
+    def _report(self, summary, loop, engine, feed, checkpoints, observer) -> None:
+        """Fill the summary from a loop that ran (wholly or until a stop)."""
+        history = (checkpoints.previous_history if checkpoints else []) + loop.history
+        final = history[-1] if history else {}
         summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
                         "eval": {k_[len("eval_"):]: v for k_, v in final.items() if k_.startswith("eval_")},
                         "skipped_steps": engine.skipped_steps, "traces": engine.ledger.counts(),
                         "checkpoint": checkpoints.latest if checkpoints else None,
                         "resumed_from": checkpoints.restored_from if checkpoints else None,
                         "history": history})
+        if checkpoints and checkpoints.failed_saves:
+            summary["failed_checkpoint_saves"] = checkpoints.failed_saves
         summary["flops_per_example"] = self.flops_per_example(feed)
         if "examples_per_sec" in summary:
             summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
@@ -362,9 +433,18 @@ class Trainer:
         else:
             retraces = engine.ledger.retraces()
             summary.update({"retraced": bool(retraces), "retraces": retraces})
-        if run_dir:
-            atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
-        return FitResult(history, summary, run_dir)
+
+    @staticmethod
+    def _write_summary(run_dir: str | None, summary: dict, say) -> None:
+        """summary.json, atomically; a full or read-only disk costs the file, not the run (said in one line)."""
+        if not run_dir:
+            return
+        path = os.path.join(run_dir, "summary.json")
+        try:
+            atomic.write_json(path, summary)
+        except OSError as e:
+            summary["summary_not_written"] = f"{path!r}: {e.strerror or e}"
+            say(f"summary.json not written ({path!r}: {e.strerror or e}); the figures below are the run's")
 
     def flops_per_example(self, feed: feeding.Feed) -> float | None:
         """Training FLOPs per example, counted from one step's graph (fastcore.observe.flops)."""
@@ -475,6 +555,14 @@ def _clone_optimizer(opt):
     if isinstance(opt, keras.optimizers.Optimizer):
         return type(opt).from_config(opt.get_config())
     return copy.deepcopy(opt)
+
+
+def _inside(folder: str, parent: str | None) -> bool:
+    """Whether `folder` lies inside `parent` (then the parent's lock covers it)."""
+    if parent is None:
+        return False
+    folder, parent = os.path.abspath(folder), os.path.abspath(parent)
+    return folder == parent or folder.startswith(parent + os.sep)
 
 
 def _check_supervised(spec, k: int) -> None:

@@ -90,7 +90,9 @@ def plan(config: RunConfig) -> Plan:
         raise UsageError(f"--l2 {config.l2} is negative: use 0 for none or a small positive weight like 1e-3")
     if config.model_api not in MODEL_APIS:
         raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(MODEL_APIS)}")
-    for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir)):
+    run_dir = os.path.join(config.logdir, config.run_name or default_run_name(config))
+    for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir),
+                         ("the run directory", run_dir)):
         atomic.check_writable(flag, folder)
     train = pipelines.load(task.dataset, config.train_split or task.train_split, config.data_dir, config.seed)
     evaluation = pipelines.load(task.dataset, config.eval_split or task.eval_split, config.data_dir, config.seed)
@@ -121,6 +123,16 @@ def plan(config: RunConfig) -> Plan:
 
 
 def _check_positive(config: RunConfig) -> None:
+    for flag, value in (("--learning-rate", config.learning_rate), ("--l2", config.l2), ("--dropout", config.dropout)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} {value} is not a finite number")
+    for flag, value in (("--logdir", config.logdir), ("--run-name", config.run_name), ("--data-dir", config.data_dir),
+                        ("--checkpoint-dir", config.checkpoint_dir)):
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{flag} {value!r} holds bytes that are not UTF-8, which TensorFlow cannot open: "
+                             f"rename the folder or choose another") from None
     for flag, value in (("--epochs", config.epochs), ("--batch-size", config.batch_size),
                         ("--learning-rate", config.learning_rate), ("--steps-per-call", config.steps_per_call),
                         ("--checkpoint-every", config.checkpoint_every)):

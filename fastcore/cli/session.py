@@ -1,16 +1,25 @@
-"""One CLI run, start to finish: plan, optional verify, Trainer.fit, summary.json, exit code."""
+"""One CLI run, start to finish: plan, optional verify, Trainer.fit, summary.json, exit code.
+
+Exit codes, one meaning each: 0 done, 1 verify or pre-flight disagreement, 2 bad input, 3 non-finite,
+130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved), 70 an internal error (one line on stderr
+naming the file that holds the traceback).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 import sys
+import tempfile
+import traceback
 
 import pipelines
 
 from fastcore import atomic
 from fastcore.cli import plan as planning, quiet
-from fastcore.errors import CheckpointMismatch, NonFiniteError, PreflightError, UsageError
+from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PreflightError, UsageError
+
+EXIT_INTERNAL = 70   # EX_SOFTWARE
 from fastcore.observe import tensorboard
 
 
@@ -22,6 +31,13 @@ def config_from_args(args: argparse.Namespace) -> planning.RunConfig:
 def summary_fields(p: planning.Plan) -> dict:
     """What the run is, at the head of summary.json."""
     return {"task": p.task.name, "model_api": p.config.model_api}
+
+
+def identity(p: planning.Plan) -> dict:
+    """The CLI's part of the run's identity (a resume with any of it changed is refused)."""
+    c = p.config
+    return {"task": p.task.name, "model_api": c.model_api, "l2": c.l2, "dropout": c.dropout,
+            "train_data": p.train.source, "eval_data": p.eval.source, "learning_rate": p.learning_rate}
 
 
 def train_and_summarize(p: planning.Plan, out=sys.stdout) -> tuple[dict, object]:
@@ -41,11 +57,24 @@ def train_and_summarize(p: planning.Plan, out=sys.stdout) -> tuple[dict, object]
                          validation_batch_size=planning.eval_batch_size(p), run_dir=p.run_dir,
                          checkpoint_dir=p.checkpoint_dir, checkpoint_every=c.checkpoint_every, resume=c.resume,
                          profile_steps=c.profile_steps, summary_every=c.summary_every,
-                         deterministic=c.deterministic, out=out, summary_fields=head)
+                         deterministic=c.deterministic, out=out, summary_fields=head, identity=identity(p))
     return result.summary, trainer.engine
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run, and turn every outcome into its exit code; an unexpected error is one line plus a traceback file."""
+    try:
+        return _main(args)
+    except Exception as e:   # noqa: BLE001 (the last resort: one line, never a traceback on the terminal)
+        fd, path = tempfile.mkstemp(prefix="fastcore-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exc(file=f)
+        print(f"fastcore-train: internal error: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''} "
+              f"(traceback saved to {path!r}; please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _main(args: argparse.Namespace) -> int:
     quiet.silence_python_logs()
     config = config_from_args(args)
     try:
@@ -70,6 +99,9 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"fastcore-train: stopped: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:
+        print(f"fastcore-train: {e}", file=sys.stderr)
+        return e.exit_code
     if "verify" in summary and not summary["verify"]["passed"]:
         atomic.write_json(path, summary)
         print(f"verify failed; nothing trained. Details: {path}", file=sys.stderr)

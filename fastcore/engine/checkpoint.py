@@ -1,40 +1,121 @@
-"""Checkpoints: every model's variables, every optimizer, the step counters, the data iterator.
+"""Checkpoints: every model's variables, every optimizer, the step counters, the data iterator, and what
+makes the run the run it is (its identity) with its history so far.
 
-Saved with tf.train.Checkpoint through a CheckpointManager (keeps the last few). A save writes
-its files first and only then rewrites the manager's `checkpoint` index (atomically), so a crash
-during a save leaves the previous checkpoint the latest usable one.
+Saved with tf.train.Checkpoint through a CheckpointManager (keeps the last few). A save writes its files
+first and only then rewrites the `checkpoint` index (atomically), so a crash during a save leaves the
+previous checkpoint the latest usable one. Promises, each tested (tests/test_faults.py):
+  - a checkpoint is never written holding a NaN/Inf weight (checked in-graph per call, and again here);
+  - resume refuses a run that differs (data, splits, batch, seed, steps per call, model, optimizer,
+    precision), naming each field old -> new; only the length (epochs, steps) may change;
+  - a damaged newest checkpoint is named and the newest intact one is used; a garbage index file is
+    rebuilt from the checkpoint files on disk, so rotation never deletes an intact checkpoint;
+  - a failed save (disk full) removes its temp files, keeps the previous checkpoint, and says so.
 """
 from __future__ import annotations
 
+import glob
+import json
+import os
+import re
+import shutil
+
+import numpy as np
 import tensorflow as tf
 
 from fastcore.callbacks import Callback
 from fastcore.errors import CheckpointMismatch
 
 PRECISION_KEY = "precision/.ATTRIBUTES/VARIABLE_VALUE"
+IDENTITY_KEY = "identity/.ATTRIBUTES/VARIABLE_VALUE"
+HISTORY_KEY = "history/.ATTRIBUTES/VARIABLE_VALUE"
+STEPS_KEY = "steps/.ATTRIBUTES/VARIABLE_VALUE"
+_NUMBERED = re.compile(r"ckpt-(\d+)\.index$")
+
+
+def on_disk(directory: str) -> list[str]:
+    """Checkpoint prefixes (`<dir>/ckpt-N`) whose index file exists, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index")):
+        match = _NUMBERED.search(path)
+        if match:
+            found.append((int(match.group(1)), path[:-len(".index")]))
+    return [prefix for _, prefix in sorted(found, reverse=True)]
+
+
+def repair_state(directory: str) -> str | None:
+    """Rewrite the `checkpoint` index from the files on disk when it is unreadable or lists none of them.
+
+    Returns a one-line note when it did. Without this, a garbage index reads as "no checkpoint": the run
+    restarted from step 0 and rotation deleted the intact checkpoints.
+    """
+    prefixes = on_disk(directory)
+    if not prefixes:
+        return None
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+        listed = list(state.all_model_checkpoint_paths) if state else []
+    except Exception:   # a garbage or truncated index: protobuf text parse errors of several kinds
+        listed = []
+    if any(os.path.exists(p + ".index") for p in listed):
+        return None
+    from tensorflow.python.checkpoint import checkpoint_management
+    checkpoint_management.update_checkpoint_state_internal(
+        directory, prefixes[0], all_model_checkpoint_paths=list(reversed(prefixes)), save_relative_paths=True)
+    return f"the checkpoint index in {directory!r} was unreadable; rebuilt it from {len(prefixes)} checkpoint files"
+
+
+def read_meta(prefix: str) -> dict:
+    """Precision, identity, history and step of one checkpoint; raises if its files are damaged."""
+    reader = tf.train.load_checkpoint(prefix)
+    meta = {"steps": int(reader.get_tensor(STEPS_KEY))}
+    for key, name in ((PRECISION_KEY, "precision"), (IDENTITY_KEY, "identity"), (HISTORY_KEY, "history")):
+        if reader.has_tensor(key):
+            value = reader.get_tensor(key).decode()
+            meta[name] = json.loads(value) if name != "precision" else value
+    return meta
 
 
 def recorded_precision(directory: str) -> str | None:
-    """The precision the latest checkpoint in `directory` was trained in (None: no checkpoint)."""
-    latest = tf.train.latest_checkpoint(directory)
-    if not latest:
-        return None
-    reader = tf.train.load_checkpoint(latest)
-    return reader.get_tensor(PRECISION_KEY).decode() if reader.has_tensor(PRECISION_KEY) else None
+    """The precision of the newest readable checkpoint in `directory` (None: none)."""
+    for prefix in on_disk(directory):
+        try:
+            return read_meta(prefix).get("precision")
+        except Exception:
+            continue
+    return None
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """`field old -> new` for every field of the run's identity that changed (nested keys joined by '.')."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [f"{key} {flat_old.get(key, '(none)')} -> {flat_new.get(key, '(none)')}"
+            for key in sorted(set(flat_old) | set(flat_new)) if flat_old.get(key) != flat_new.get(key)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class Checkpoints(Callback):
     """Saves every `every_steps` steps (at the next call end) and at the end; restores on resume.
 
-    `with_data=False` leaves the data iterator out (a pipeline whose position cannot be saved): a
-    resumed run then restarts its data from the beginning.
+    `with_data=False` leaves the data iterator out (a pipeline whose position cannot be saved): a resumed
+    run then restarts its data from the beginning. `say` prints a one-line note (damage, a failed save).
     """
 
-    def __init__(self, directory: str, every_steps: int, resume: bool, precision: str, keep: int = 3,
-                 with_data: bool = True):
+    def __init__(self, directory: str, every_steps: int, resume: bool, precision: str, identity: dict,
+                 keep: int = 3, with_data: bool = True, say=print):
         self.directory, self.every_steps, self.resume, self.keep = directory, every_steps, resume, keep
-        self.precision, self.with_data = precision, with_data
+        self.precision, self.identity, self.with_data, self.say = precision, identity, with_data, say
         self.restored_from: str | None = None
+        self.previous_history: list[dict] = []
+        self.failed_saves: list[str] = []
 
     def attach(self, loop) -> None:
         engine = loop.engine
@@ -45,8 +126,11 @@ class Checkpoints(Callback):
                                 if isinstance(opt, tf.__internal__.tracking.Trackable)}}
         if self.with_data:
             parts["data"] = loop.iterator
-        self.checkpoint = tf.train.Checkpoint(steps=engine.steps, applied=engine.applied,
-                                              precision=tf.Variable(self.precision, trainable=False), **parts)
+        self.history_variable = tf.Variable("[]", trainable=False)
+        self.checkpoint = tf.train.Checkpoint(
+            steps=engine.steps, applied=engine.applied, precision=tf.Variable(self.precision, trainable=False),
+            identity=tf.Variable(json.dumps(self.identity, sort_keys=True), trainable=False),
+            history=self.history_variable, **parts)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.keep)
 
     @property
@@ -54,31 +138,89 @@ class Checkpoints(Callback):
         return self.manager.latest_checkpoint
 
     def on_train_begin(self, loop) -> None:
+        note = repair_state(self.directory) if os.path.isdir(self.directory) else None
+        if note:
+            self.say(note)
         self.attach(loop)
-        if self.resume and self.latest:
-            written_in = recorded_precision(self.directory)
-            if written_in != self.precision:   # float32 variables fit any policy: restore would not notice
-                raise CheckpointMismatch(f"cannot resume from {self.latest}: it was trained in {written_in}, this run "
-                                         f"is {self.precision}; resume with --precision {written_in} (or auto)")
-            try:
-                self.checkpoint.restore(self.latest).assert_consumed()
-            except (AssertionError, ValueError, tf.errors.OpError) as e:
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointMismatch(f"cannot resume from {self.latest}: it does not match this run's flags "
-                                         f"({first_line[:200]}); resume with the flags of the run that wrote it, "
-                                         f"or use another --checkpoint-dir") from e
-            self.restored_from = self.latest
-            loop.steps_done = int(loop.engine.steps.numpy())
+        if self.resume:
+            self._restore(loop)
         self.saved_at = loop.steps_done
 
+    def _restore(self, loop) -> None:
+        damaged = []
+        for prefix in on_disk(self.directory):
+            try:
+                meta = read_meta(prefix)
+            except Exception as e:
+                damaged.append(f"{os.path.basename(prefix)} ({_first_line(e)})")
+                continue
+            self._check_same_run(prefix, meta)
+            try:
+                self.checkpoint.restore(prefix).assert_consumed()
+            except (AssertionError, ValueError) as e:
+                raise CheckpointMismatch(f"cannot resume from {prefix}: it does not match this run "
+                                         f"({_first_line(e)}); resume with the flags of the run that wrote it, "
+                                         f"or use another --checkpoint-dir") from None
+            except Exception as e:   # damaged data file: checksum, truncation
+                damaged.append(f"{os.path.basename(prefix)} ({_first_line(e)})")
+                continue
+            if damaged:
+                self.say(f"damaged checkpoint(s) skipped: {'; '.join(damaged)}; resuming from the newest intact "
+                         f"one, {os.path.basename(prefix)}")
+            self.restored_from = prefix
+            self.previous_history = [h for h in meta.get("history", []) if h.get("steps", 0) <= meta["steps"]]
+            loop.steps_done = int(loop.engine.steps.numpy())
+            return
+        if damaged:
+            raise CheckpointMismatch(f"cannot resume: every checkpoint in {self.directory!r} is damaged "
+                                     f"({'; '.join(damaged)}); start again with another --checkpoint-dir")
+
+    def _check_same_run(self, prefix: str, meta: dict) -> None:
+        written_in = meta.get("precision")
+        if written_in != self.precision:   # float32 variables fit any policy: restore would not notice
+            raise CheckpointMismatch(f"cannot resume from {prefix}: it was trained in {written_in}, this run "
+                                     f"is {self.precision}; resume with --precision {written_in} (or auto)")
+        changed = differences(meta.get("identity", {}), self.identity)
+        if changed:
+            raise CheckpointMismatch(f"cannot resume from {prefix}: this is not the same run: "
+                                     f"{'; '.join(changed)}; only the length (epochs, steps) may change on resume")
+
     def on_call_end(self, loop, logs) -> None:
-        if loop.steps_done // self.every_steps > self.saved_at // self.every_steps:
+        if self._due(loop) and not loop.ending_epoch:
             self.save(loop)
+
+    def on_epoch_end(self, loop, logs) -> None:
+        if self._due(loop):   # after the epoch's evaluation, so the checkpoint's history includes it
+            self.save(loop)
+
+    def _due(self, loop) -> bool:
+        return loop.steps_done // self.every_steps > self.saved_at // self.every_steps
 
     def on_train_end(self, loop) -> None:
         if self.saved_at != loop.steps_done:
             self.save(loop)
 
     def save(self, loop) -> None:
-        self.manager.save(checkpoint_number=loop.steps_done)
+        """Save now, unless a weight is not finite (never a bad checkpoint) or the disk refuses (said once)."""
+        weights = [v for v in loop.engine.model_variables if v.trainable]
+        if not all(np.isfinite(v.numpy()).all() for v in weights):
+            self.failed_saves.append(f"step {loop.steps_done}: a weight is NaN/Inf")
+            return
+        self.history_variable.assign(json.dumps(self.previous_history + loop.history))
+        try:
+            self.manager.save(checkpoint_number=loop.steps_done)
+        except (tf.errors.OpError, OSError) as e:
+            folder = glob.escape(self.directory)
+            for leftover in (glob.glob(os.path.join(folder, f"ckpt-{loop.steps_done}.*")) +
+                             glob.glob(os.path.join(folder, f"ckpt-{loop.steps_done}_temp*"))):
+                shutil.rmtree(leftover, ignore_errors=True) if os.path.isdir(leftover) else os.remove(leftover)
+            line = (f"checkpoint at step {loop.steps_done} not written ({_first_line(e)}); "
+                    f"{self.latest or 'no earlier checkpoint'} stays the latest")
+            self.failed_saves.append(line)
+            self.say(line)
         self.saved_at = loop.steps_done
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]

@@ -32,6 +32,7 @@ class Feed:
     steps_per_epoch: int
     examples: int | None        # training examples per epoch, when known
     source: str
+    fingerprint: str            # what the data is, for a resume's same-run check (see fingerprint())
 
 
 def is_dataset(data) -> bool:
@@ -65,7 +66,7 @@ def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, see
                          f"use at most {len(data)}")
     per_epoch = steps_per_epoch or len(data) // batch_size
     stream = pipelines.train_stream(data, batch_size, seed, steps_per_call)
-    return Feed(stream, batch_size, per_epoch, per_epoch * batch_size, data.source)
+    return Feed(stream, batch_size, per_epoch, per_epoch * batch_size, data.source, fingerprint(data))
 
 
 def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epoch, source) -> Feed:
@@ -90,7 +91,23 @@ def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epo
     ds = ds.repeat()
     if steps_per_call > 1:
         ds = ds.batch(steps_per_call, drop_remainder=True)
-    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, None, source)
+    described = f"{source}; {ds.element_spec}; {steps_per_epoch} batches of {dim} per epoch"
+    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, None, source, described)
+
+
+SAMPLED_ROWS = 256
+
+
+def fingerprint(data: pipelines.Arrays) -> str:
+    """Shapes, dtypes and a hash of 256 rows spread over the arrays: another split, another file or edited
+    rows change it. Reads 256 rows, not the data (HIGGS 9.9k x 28: 0.1 ms; 11M rows: the same)."""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=8)
+    for a in (data.x, data.y):
+        rows = np.linspace(0, len(a) - 1, min(SAMPLED_ROWS, len(a))).astype(np.int64)
+        digest.update(f"{a.shape}{a.dtype}".encode())
+        digest.update(np.ascontiguousarray(a[rows]).tobytes())
+    return f"{len(data)} examples {data.x.shape[1:]} {data.x.dtype}, sampled rows {digest.hexdigest()}"
 
 
 def check_shapes(spec, what: str) -> int | None:

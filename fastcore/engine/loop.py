@@ -13,6 +13,10 @@ from fastcore.callbacks import Callback
 from fastcore.observe.meter import Meter
 
 
+class StopRequested(Exception):
+    """The loop's `should_stop` asked it to stop after the call that just ended."""
+
+
 class NonFiniteLoss(Exception):
     """Training produced a NaN or Inf; the update of that step (and any after it) was not applied."""
 
@@ -33,6 +37,8 @@ class Loop:
     callbacks: list[Callback] = dataclasses.field(default_factory=list)
     steps_done: int = 0
     history: list = dataclasses.field(default_factory=list)
+    should_stop: object = None       # () -> bool, asked after each call (e.g. a SIGTERM arrived)
+    ending_epoch: bool = False       # during on_call_end: whether this call ends an epoch (its eval follows)
 
     def __post_init__(self):
         self.meter = Meter(self.batch_size * self.steps_per_call, self.steps_per_call)
@@ -58,11 +64,15 @@ class Loop:
             epochs_before = self.steps_done // self.steps_per_epoch
             self.steps_done += self.steps_per_call
             calls.append(logs)
+            self.ending_epoch = (self.steps_done // self.steps_per_epoch > epochs_before
+                                 or self.steps_done >= self.total_steps)
             for cb in self.callbacks:
                 cb.on_call_end(self, logs)
-            if self.steps_done // self.steps_per_epoch > epochs_before or self.steps_done >= self.total_steps:
+            if self.ending_epoch:
                 self._end_epoch(calls)
                 calls = []
+            if self.should_stop is not None and self.should_stop() and self.steps_done < self.total_steps:
+                raise StopRequested()
         if not self.history:
             self._end_epoch(calls)
         for cb in self.callbacks:

@@ -310,6 +310,17 @@ class Engine:
 
         tf.cond(tf.logical_and(finite, healthy), apply, skip)
 
+    def _check_weights(self) -> None:
+        """Once per compiled call, the updated weights must be finite too: an update can overflow although
+        its gradient was finite (a learning rate of 1e39). The loop then stops before any checkpoint is
+        written, so a checkpoint called good never holds NaN/Inf. One sum over the weights per call."""
+        weights = [tf.reduce_sum(tf.cast(v, tf.float32)) for v in self.model_variables if v.trainable]
+        if not weights:
+            return
+        finite = tf.math.is_finite(tf.add_n(weights))
+        first = self.first_non_finite_step
+        first.assign(tf.where(tf.logical_or(finite, first >= 0), first, self.steps))
+
     # -- compiled calls ------------------------------------------------------------------------------
     def log_names(self, batch_spec) -> tuple[str, ...]:
         """The names a step logs, found by tracing the step function once in a throwaway graph."""
@@ -319,7 +330,9 @@ class Engine:
         return self._log_names
 
     def train_call_one(self, batch) -> dict:
-        return self.train_step(batch)
+        logs = self.train_step(batch)
+        self._check_weights()
+        return logs
 
     def train_call_many(self, batches) -> dict:
         """K optimizer steps over stacked batches (every leaf [K, B, ...]); returns the mean of each log."""
@@ -331,6 +344,7 @@ class Engine:
             logs = self.train_step(tf.nest.map_structure(lambda t: t[i], batches))
             return i + 1, [total + logs[name] for total, name in zip(totals, names)]
         _, totals = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), [tf.constant(0.0) for _ in names]))
+        self._check_weights()
         return {name: total / tf.cast(k, tf.float32) for name, total in zip(names, totals)}
 
     def eval_call(self, batch, weights) -> tf.Tensor:

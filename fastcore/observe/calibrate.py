@@ -137,7 +137,7 @@ def peaks(pairs: list[tuple[str, str]], refresh: bool = False) -> dict[str, tupl
             data.setdefault(key, {})[name] = {"per_thread_gflops": round(gflops, 1),
                                               "measured_by": f"{SIZE}x{SIZE} matmul, 1 thread, best of {BUDGET_SECONDS} s"}
             out[name] = (gflops * n, False)
-        atomic.write_json(cache_path(), data)
+        _save(data)
     return out
 
 
@@ -150,7 +150,16 @@ def store(name: str, value) -> None:
     """Store `value` under `name` for this machine (atomic rewrite of the cache file)."""
     data = _load()
     data.setdefault(machine_key(), {})[name] = value
-    atomic.write_json(cache_path(), data)
+    _save(data)
+
+
+def _save(data: dict) -> None:
+    """Rewrite the cache atomically; a read-only or full cache folder costs the cache, never the run
+    (the figures are measured again next time)."""
+    try:
+        atomic.write_json(cache_path(), data)
+    except OSError:
+        pass
 
 
 def _child(args: list[str]) -> int:
