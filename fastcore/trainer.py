@@ -324,7 +324,8 @@ class Trainer:
                 raise UsageError(f"{checkpoint_dir!r} already holds checkpoints (newest "
                                  f"{os.path.basename(checkpoint.on_disk(checkpoint_dir)[0])}): continue that run with "
                                  f"--resume (resume=True), or choose another --run-name / run_dir")
-            done = self._completed_run(checkpoint_dir, total, run_dir) if resume and checkpoint_dir else None
+            run_identity = self._identity(feed, identity)
+            done = self._completed_run(checkpoint_dir, total, run_dir, run_identity) if resume and checkpoint_dir else None
             if done is not None:
                 say(done.summary.pop("note"))
                 return done
@@ -332,7 +333,7 @@ class Trainer:
             loop, checkpoints, observer = self._loop(engine, feed, evaluation, total, run_dir, checkpoint_dir,
                                                      checkpoint_every, resume, profile_steps, summary_every,
                                                      [*( [Progress(out=out)] if verbose else []), *callbacks],
-                                                     self._identity(feed, identity), say)
+                                                     run_identity, say)
             loop.should_stop = lambda: stop.received is not None
             if self.run_preflight and self.mode != "eager" and not (resume and checkpoint.on_disk(checkpoint_dir or "")):
                 report = self.preflight(next(iter(feed.dataset.take(1))))
@@ -393,13 +394,14 @@ class Trainer:
                 "optimizers": {n: optimizer(o) for n, o in self.engine.optimizers.items()},
                 **dict(extra or {})}
 
-    def _completed_run(self, checkpoint_dir: str, total: int, run_dir: str | None) -> FitResult | None:
+    def _completed_run(self, checkpoint_dir: str, total: int, run_dir: str | None, identity: dict) -> FitResult | None:
         """A resume of a run that already reached `total` steps changes nothing and says so."""
         for prefix in checkpoint.on_disk(checkpoint_dir):
             try:
                 meta = checkpoint.read_meta(prefix)
             except Exception:
                 continue
+            checkpoint.check_same_run(prefix, meta, self.precision.name, identity)
             if meta["steps"] < total:
                 return None
             previous = {}
@@ -421,6 +423,7 @@ class Trainer:
                         "skipped_steps": engine.skipped_steps, "traces": engine.ledger.counts(),
                         "checkpoint": checkpoints.latest if checkpoints else None,
                         "resumed_from": checkpoints.restored_from if checkpoints else None,
+                        "resumed_from_step": checkpoints.restored_step if checkpoints else None,
                         "history": history})
         if checkpoints and checkpoints.failed_saves:
             summary["failed_checkpoint_saves"] = checkpoints.failed_saves

@@ -102,6 +102,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_same_run(prefix: str, meta: dict, precision: str, identity: dict) -> None:
+    """Raise CheckpointMismatch unless the checkpoint was written by this run (same precision and identity)."""
+    written_in = meta.get("precision")
+    if written_in != precision:   # float32 variables fit any policy: restore would not notice
+        raise CheckpointMismatch(f"cannot resume from {prefix}: it was trained in {written_in}, this run "
+                                 f"is {precision}; resume with --precision {written_in} (or auto)")
+    changed = differences(meta.get("identity", {}), identity)
+    if changed:
+        raise CheckpointMismatch(f"cannot resume from {prefix}: this is not the same run: "
+                                 f"{'; '.join(changed)}; only the length (epochs, steps) may change on resume")
+
+
 class Checkpoints(Callback):
     """Saves every `every_steps` steps (at the next call end) and at the end; restores on resume.
 
@@ -114,6 +126,7 @@ class Checkpoints(Callback):
         self.directory, self.every_steps, self.resume, self.keep = directory, every_steps, resume, keep
         self.precision, self.identity, self.with_data, self.say = precision, identity, with_data, say
         self.restored_from: str | None = None
+        self.restored_step: int | None = None
         self.previous_history: list[dict] = []
         self.failed_saves: list[str] = []
 
@@ -154,7 +167,7 @@ class Checkpoints(Callback):
             except Exception as e:
                 damaged.append(f"{os.path.basename(prefix)} ({_first_line(e)})")
                 continue
-            self._check_same_run(prefix, meta)
+            check_same_run(prefix, meta, self.precision, self.identity)
             try:
                 self.checkpoint.restore(prefix).assert_consumed()
             except (AssertionError, ValueError) as e:
@@ -167,23 +180,13 @@ class Checkpoints(Callback):
             if damaged:
                 self.say(f"damaged checkpoint(s) skipped: {'; '.join(damaged)}; resuming from the newest intact "
                          f"one, {os.path.basename(prefix)}")
-            self.restored_from = prefix
+            self.restored_from, self.restored_step = prefix, meta["steps"]
             self.previous_history = [h for h in meta.get("history", []) if h.get("steps", 0) <= meta["steps"]]
             loop.steps_done = int(loop.engine.steps.numpy())
             return
         if damaged:
             raise CheckpointMismatch(f"cannot resume: every checkpoint in {self.directory!r} is damaged "
                                      f"({'; '.join(damaged)}); start again with another --checkpoint-dir")
-
-    def _check_same_run(self, prefix: str, meta: dict) -> None:
-        written_in = meta.get("precision")
-        if written_in != self.precision:   # float32 variables fit any policy: restore would not notice
-            raise CheckpointMismatch(f"cannot resume from {prefix}: it was trained in {written_in}, this run "
-                                     f"is {self.precision}; resume with --precision {written_in} (or auto)")
-        changed = differences(meta.get("identity", {}), self.identity)
-        if changed:
-            raise CheckpointMismatch(f"cannot resume from {prefix}: this is not the same run: "
-                                     f"{'; '.join(changed)}; only the length (epochs, steps) may change on resume")
 
     def on_call_end(self, loop, logs) -> None:
         if self._due(loop) and not loop.ending_epoch:

@@ -64,8 +64,10 @@ def outputs(engine, batch) -> dict:
     for optimizer, pairs in grads.items():
         for g, v in pairs:
             values = tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-            label = getattr(v, "path", None) or v.name
-            out[f"gradient {optimizer + ':' if several else ''}{label}"] = values
+            label = f"gradient {optimizer + ':' if several else ''}{getattr(v, 'path', None) or v.name}"
+            if label in out:   # unnamed tf.Variables all share the name 'Variable:0'
+                label += f" #{sum(1 for k in out if k.startswith(label))}"
+            out[label] = values
     return out
 
 

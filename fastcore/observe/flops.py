@@ -19,9 +19,15 @@ def count_flops(concrete_function) -> int | None:
     from tensorflow.python.profiler import model_analyzer, option_builder
     options = option_builder.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
+    import tensorflow as tf
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")   # the profiler's own deprecation warnings are not the user's business
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             profile = model_analyzer.profile(concrete_function.graph, options=options)
     except Exception:   # the profiler is best effort: utilisation is then left out, training goes on
         return None
+    finally:
+        logger.setLevel(level)
     return int(profile.total_float_ops) or None
