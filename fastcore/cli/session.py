@@ -40,10 +40,10 @@ def identity(p: planning.Plan) -> dict:
             "train_data": p.train.source, "eval_data": p.eval.source, "learning_rate": p.learning_rate}
 
 
-def train_and_summarize(p: planning.Plan, out=sys.stdout) -> tuple[dict, object]:
+def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
     """Verify (when asked) and train the plan; returns the summary and the trainer's engine (None if
     verify failed). Raises NonFiniteError (its .summary holds the summary), PreflightError, CheckpointMismatch."""
-    trainer, c = p.trainer, p.config
+    trainer, c, out = p.trainer, p.config, out or sys.stdout
     head = {**summary_fields(p), "precision": p.precision.name, "precision_reason": p.precision.reason,
             "mode": c.mode, "xla": c.mode == "xla", "batch_size": p.batch_size, "steps_per_call": p.steps_per_call,
             "epochs": p.total_steps / p.steps_per_epoch, "train_data": p.train.source, "eval_data": p.eval.source}
@@ -106,9 +106,9 @@ def _main(args: argparse.Namespace) -> int:
         atomic.write_json(path, summary)
         print(f"verify failed; nothing trained. Details: {path}", file=sys.stderr)
         return 1
-    if summary["resumed_from"]:
+    if summary.get("resumed_from"):
         print(f"resumed from {summary['resumed_from']}", flush=True)
-    if summary["skipped_steps"]:
+    if summary.get("skipped_steps"):
         print(f"{summary['skipped_steps']} steps skipped by the float16 loss scaler (non-finite gradients)", flush=True)
     if "examples_per_sec" in summary:
         print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
@@ -124,5 +124,5 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _has_checkpoint(folder: str) -> bool:
-    import tensorflow as tf
-    return bool(tf.train.latest_checkpoint(folder))
+    from fastcore.engine import checkpoint
+    return bool(checkpoint.on_disk(folder))
