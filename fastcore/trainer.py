@@ -427,7 +427,7 @@ class Trainer:
                         "history": history})
         if checkpoints and checkpoints.failed_saves:
             summary["failed_checkpoint_saves"] = checkpoints.failed_saves
-        summary["flops_per_example"] = self.flops_per_example(feed)
+        summary.update(self.flops_per_example(feed))
         if "examples_per_sec" in summary:
             summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
                                                    self.precision.name, self.mode))
@@ -449,15 +449,18 @@ class Trainer:
             summary["summary_not_written"] = f"{path!r}: {e.strerror or e}"
             say(f"summary.json not written ({path!r}: {e.strerror or e}); the figures below are the run's")
 
-    def flops_per_example(self, feed: feeding.Feed) -> float | None:
-        """Training FLOPs per example, counted from one step's graph (fastcore.observe.flops)."""
+    def flops_per_example(self, feed: feeding.Feed) -> dict:
+        """Training FLOPs per example counted from graphs (see fastcore.observe.flops for the convention)."""
         engine = self.engine
         spec = feed.dataset.element_spec
         if self._k > 1:
             spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec)
-        fn = tf.function(lambda b: preflight.outputs(engine, b), autograph=False)
-        count = flops.count_flops(fn.get_concrete_function(spec))
-        return count / feed.batch_size if count else None
+        step_graph = tf.function(lambda b: preflight.outputs(engine, b), autograph=False)
+        forward = None
+        if engine.eval_fn is not None:
+            forward = tf.function(lambda b: engine.eval_fn(b, StepContext(engine, training=False)), autograph=False)
+        return flops.per_example(step_graph.get_concrete_function(spec),
+                                 forward.get_concrete_function(spec) if forward else None, feed.batch_size)
 
 
 # -- the step fastcore writes for a loss -------------------------------------------------------------

@@ -262,3 +262,19 @@ def test_several_optimizers_must_be_named_after_their_models():
     with pytest.raises(fastcore.UsageError, match="name each after the model"):
         fastcore.Trainer(gan, {"a": keras.optimizers.Adam(), "b": keras.optimizers.Adam()},
                          step=gan_step()).fit(points(), steps=1, verbose=False)
+
+
+@pytest.mark.parametrize("task", ["mnist", "higgs"])
+def test_graph_counted_flops_of_the_builtin_mlps_match_the_textbook_formula(task):
+    from fastcore import tasks
+    spec = tasks.TASKS[task].model
+    trainer = tasks.trainer_for(tasks.TASKS[task], steps_per_call=1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, spec.inputs)).astype(np.float32)
+    y = (rng.integers(0, 10, 64).astype(np.int32) if task == "mnist" else
+         rng.integers(0, 2, (64, 1)).astype(np.float32))
+    result = trainer.fit(x, y, batch_size=32, epochs=1, verbose=False)
+    formula = spec.training_flops_per_example()
+    assert result.summary["flops_per_example"] == pytest.approx(formula, rel=0.01)
+    # the step graph holds less where TensorFlow skips the first layer's input gradient
+    assert result.summary["step_graph_flops_per_example"] <= result.summary["flops_per_example"]
