@@ -79,6 +79,8 @@ class StepContext:
         """A fresh int64 [2] seed for fastcore.random: distinct per call in a step and per step; the same
         compiled and eager; resumes exactly (it derives from the checkpointed step counter)."""
         self._draws += 1
+        if not self.training:   # the pre-flight's seeds must not depend on a counter a warm-up call moves
+            return tf.constant([self._engine.seed, self._draws], tf.int64)
         return tf.stack([tf.constant(self._engine.seed, tf.int64),
                          self._engine.steps * 1024 + self._draws])
 
@@ -187,6 +189,9 @@ class Engine:
         self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps")
         self.applied = tf.Variable(0, dtype=tf.int64, trainable=False, name="applied_updates")
         self.first_non_finite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
+        # Off only while the pre-flight compiles the training call beside its own check: the call then
+        # runs but applies nothing and counts no step.
+        self.updates_on = tf.Variable(True, trainable=False, name="updates_on")
         self._build_optimizers()
         self._log_names: tuple[str, ...] | None = None
         self._eval_names: tuple[str, ...] | None = None
@@ -282,7 +287,7 @@ class Engine:
     def train_step(self, batch) -> dict:
         """One step on one batch: compute, check, apply. Returns {name: scalar} (losses and logs)."""
         logs, grads = self.compute(batch)
-        self.steps.assign_add(1)
+        self.steps.assign_add(tf.cast(self.updates_on, tf.int64))
         finite = _all_finite(list(logs.values()), [g for pairs in grads.values() for g, _ in pairs])
         if self.loss_scaling:
             # Each LossScaleOptimizer skips a step whose gradients are not finite and lowers its scale.
@@ -297,6 +302,7 @@ class Engine:
     def _apply_if_finite(self, finite, grads) -> None:
         """Apply only while every step so far was finite: a NaN never reaches any weight."""
         healthy = self.first_non_finite_step < 0
+        on = self.updates_on
 
         def apply():
             for name, pairs in grads.items():
@@ -305,10 +311,11 @@ class Engine:
             return tf.constant(True)
 
         def skip():
-            self.first_non_finite_step.assign(tf.where(healthy, self.steps, self.first_non_finite_step))
+            record = tf.logical_and(tf.logical_and(healthy, on), tf.logical_not(finite))
+            self.first_non_finite_step.assign(tf.where(record, self.steps, self.first_non_finite_step))
             return tf.constant(False)
 
-        tf.cond(tf.logical_and(finite, healthy), apply, skip)
+        tf.cond(tf.logical_and(tf.logical_and(finite, healthy), on), apply, skip)
 
     def _check_weights(self) -> None:
         """Once per compiled call, the updated weights must be finite too: an update can overflow although
