@@ -7,7 +7,7 @@
 
 Public names: Trainer, FitResult, Update (what a step function returns), StepContext (what it gets),
 Callback, the errors (FastcoreError, UsageError, DataError, PreflightError, NonFiniteError,
-CheckpointMismatch), and the modules `fastcore.layers` and `fastcore.random` (randomness identical
+CheckpointMismatch, Interrupted), and the modules `fastcore.layers` and `fastcore.random` (randomness identical
 compiled and eager). Names load on first use, so `python -m fastcore.train --help` starts without
 importing TensorFlow.
 """
@@ -21,6 +21,7 @@ _PUBLIC = {
     "Callback": "fastcore.callbacks",
     "FastcoreError": "fastcore.errors", "UsageError": "fastcore.errors", "DataError": "fastcore.errors",
     "PreflightError": "fastcore.errors", "NonFiniteError": "fastcore.errors", "CheckpointMismatch": "fastcore.errors",
+    "Interrupted": "fastcore.errors",
     "layers": None, "random": None,
 }
 __all__ = sorted(_PUBLIC)

@@ -1,7 +1,8 @@
 """Command line: `python -m fastcore.train --dataset higgs --xla`.
 
 Exit codes: 0 done, 1 `--verify` or the pre-flight check failed, 2 bad input (one line on stderr, no
-traceback), 3 the loss or a gradient became NaN/Inf (the run stops; the last checkpoint holds good weights).
+traceback), 3 NaN/Inf stopped the run (the last checkpoint holds good weights), 130 / 143 stopped by
+SIGINT / SIGTERM (checkpoint saved), 70 internal error (one line naming the saved traceback).
 The flags live in fastcore/cli/args.py, the run in fastcore/cli/session.py.
 """
 from __future__ import annotations

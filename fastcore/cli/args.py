@@ -14,7 +14,8 @@ examples:
 
 Local data: --data-dir or $FASTCORE_DATA_DIR names a folder holding mnist/, fashion-mnist/ and
 higgs/ (IDX .gz files; a UCI-layout HIGGS.csv.gz), or one such folder itself.
-Exit codes: 0 done, 1 --verify or the pre-flight check failed, 2 bad input, 3 the loss or a gradient became NaN/Inf.
+Exit codes: 0 done, 1 --verify or the pre-flight check failed, 2 bad input, 3 NaN/Inf stopped the run,
+130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved; continue with --resume), 70 internal error.
 """
 
 
