@@ -298,3 +298,47 @@ def test_a_full_disk_during_checkpoints_costs_the_checkpoint_not_the_run(data_di
     latest = tf.train.latest_checkpoint(str(folder))
     assert latest and all(np.isfinite(v).all() for v in final_weights(latest).values())   # readable, intact
     assert "examples/s steady" in out   # the final figures are still printed
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs: unwritable even for root, as a read-only disk or share is."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI and the development machines run as root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_read_only_run_folder_is_refused_before_training(data_dir, read_only_folder):
+    code, out, err = cli(data_dir, read_only_folder, "--epochs", "1")
+    assert code == 2
+    one_line(err, "--logdir", "not writable")
+    assert "epoch" not in out
+
+
+def test_a_read_only_cache_folder_costs_the_cache_not_the_run(data_dir, tmp_path, read_only_folder, monkeypatch):
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(read_only_folder))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(["--dataset", "mnist", "--data-dir", data_dir, "--train-split", "test[:640]", "--eval-split",
+                        "test[640:700]", "--precision", "auto", "--epochs", "1", "--logdir", str(tmp_path)])
+    assert code == 0, err.getvalue()   # calibration and auto's timing are measured, just not cached
+    assert "Traceback" not in err.getvalue()
+    code, _, err_lines = cli(data_dir, tmp_path / "higgs", "--epochs", "1")   # HIGGS needs its row cache
+    assert code == 2
+    one_line(err_lines, "cache")
+
+
+def test_a_summary_that_cannot_be_written_is_said_and_the_figures_still_printed(data_dir, tmp_path, monkeypatch):
+    from fastcore import atomic
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(atomic, "write_json", disk_full)
+    code, out, err = cli(data_dir, tmp_path, "--epochs", "2", "--run-name", "r")
+    assert code == 0 and not err
+    assert "summary.json not written" in out and "No space left on device" in out
+    assert "examples/s steady" in out and not (tmp_path / "r" / "summary.json").exists()
