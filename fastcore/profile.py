@@ -18,13 +18,13 @@ from fastcore.observe.doctor import doctor
 
 def calibrate_main(dtypes, paths, out=sys.stdout) -> int:
     from fastcore.observe import calibrate
-    n = calibrate.threads()
-    print(f"peak matmul GFLOP/s on {calibrate.machine_key()} ({calibrate.SIZE}x{calibrate.SIZE}, one thread, "
-          f"best of {calibrate.BUDGET_SECONDS} s, x {n} threads):", file=out, flush=True)
+    size = calibrate.LARGE
+    print(f"matmul GFLOP/s on {calibrate.machine_key()} ({size}^3, {calibrate.threads()} threads, "
+          f"best of {calibrate.MIN_REPS}+ reps):", file=out, flush=True)
     measured = calibrate.peaks([(dtype, path) for path in paths for dtype in dtypes], refresh=True)
     for name, (gflops, _) in measured.items():
         dtype, path = name.split("/")
-        print(f"  {dtype:9s} {path:6s} {gflops / n:8,.0f} per thread {gflops:8,.0f} peak", file=out)
+        print(f"  {dtype:9s} {path:6s} {gflops:8,.0f}", file=out)
     print(f"cached in {calibrate.cache_path()}", file=out)
     return 0
 

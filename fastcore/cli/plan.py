@@ -94,6 +94,9 @@ def plan(config: RunConfig) -> Plan:
     for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir),
                          ("the run directory", run_dir)):
         atomic.check_writable(flag, folder)
+    if task.dataset == "higgs" and (config.data_dir or os.environ.get("FASTCORE_DATA_DIR")):
+        from pipelines import rowcache   # local HIGGS is parsed into a row cache: its folder must take writes
+        atomic.check_writable("the row cache folder ($FASTCORE_CACHE_DIR)", rowcache.cache_dir())
     train = pipelines.load(task.dataset, config.train_split or task.train_split, config.data_dir, config.seed)
     evaluation = pipelines.load(task.dataset, config.eval_split or task.eval_split, config.data_dir, config.seed)
     batch_size = config.batch_size or task.batch_size or len(train.x)

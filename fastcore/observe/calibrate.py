@@ -1,26 +1,28 @@
-"""The machine's peak FLOP/s per dtype and compile path, measured once and cached; FLOPs per example.
+"""The machine's ceiling per dtype: the best matmul rate it reaches however compiled, measured once, cached.
 
-Utilisation = achieved FLOP/s / peak. "Peak" is not a datasheet figure: it is the best rate this
-machine reached on a square matmul (`SIZE` x `SIZE`, the operation an MLP spends its time in),
-compiled the same way as the step: `tf.function(jit_compile=True)` for the `xla` path, a plain
-`tf.function` for `graph` (oneDNN kernels; eager runs the same kernels, so `eager` maps to `graph`).
-The two paths differ a lot for bfloat16 on CPUs with AMX (oneDNN uses it, XLA does not).
+Utilisation = achieved FLOP/s / ceiling, and a ceiling must be one: the fastest the machine ran the
+operation an MLP spends its time in. So for a dtype the ceiling is the best of
+  - both compile paths: XLA (`tf.function(jit_compile=True)`, fastcore.layers.matmul: bfloat16 as a
+    bf16 x bf16 -> f32 dot) and the plain graph (oneDNN kernels, which use AMX where the CPU has it);
+  - two shapes: a large square matmul (`LARGE`^3) and the step's own largest matmul (batch x in x out);
+  - several repetitions, all threads (what a run has), in a child process so this process's
+    TensorFlow settings and compiled functions stay untouched.
+Earlier the peak was one 1024^2 XLA matmul on one thread x threads, and Keras fit reached 108% of it:
+a single path and shape is a floor, not a ceiling. A run that still beats the ceiling (a neighbour slowed
+the calibration) reports utilisation 100% and says the ceiling was measured low.
 
-Measured single-threaded, in a child process started with TF_NUM_INTRAOP_THREADS=1, and multiplied
-by the threads a run uses (the CPUs this process may run on). On a shared machine a multi-threaded
-measurement is hostage to the neighbours: back to back, the same 2-core XLA float32 matmul ran 208 and
-455 GFLOP/s (another process held one core or did not), while single-threaded it ran 225-238 every
-time. A matmul this size scales about linearly over a few cores (455 ~ 2 x 228), so per-thread x
-threads is the peak a run can approach when it has the machine to itself.
+Cached in `$FASTCORE_CACHE_DIR/calibration.json` (default `~/.cache/fastcore`) under a key of CPU model,
+CPU count and TensorFlow version, one entry per dtype/path/shape. Concurrent runs do not race: a file
+lock (fcntl) is held from reading the cache to writing it, so the second run waits and reads what the
+first measured. `python -m fastcore.profile calibrate` measures again.
 
-Measured for one (dtype, path) when a run first needs it (about 3 s, most of it starting TensorFlow
-in the child), and cached in `$FASTCORE_CACHE_DIR/calibration.json` (default `~/.cache/fastcore`)
-under a key of CPU model, CPU count and TensorFlow version; `python -m fastcore.profile calibrate`
-measures again. Best of several repetitions; a busy machine can still lower the figure a little,
-and a run sharing its cores with others reaches a lower share of it.
+`peaks()` (per path, the large shape) is what `precision="auto"` compares before it times the model's
+own step in both precisions.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -31,11 +33,15 @@ import time
 from fastcore import atomic
 from pipelines import rowcache
 
-SIZE = 1024          # 2 * 1024**3 = 2.1 GFLOP per matmul: ~9 ms on one thread here
-BUDGET_SECONDS = 0.3  # timed repetitions per (dtype, path), after one warm-up call that compiles
-MIN_REPS = 3
+SIZE = 1024            # the bench's in-run kernel (bench/harness.py); the ceiling uses LARGE
+LARGE = 2048           # 2 x 2048^3 = 17 GFLOP per matmul
+MIN_STEP_MACS = 1 << 20   # a step matmul smaller than this (sine's 1x10x10) is not worth a measurement
+BUDGET_SECONDS = 0.25  # timed repetitions per entry, after one warm-up call that compiles
+MIN_REPS = 5
 DTYPES = ("float32", "bfloat16", "float16")
 PATHS = ("xla", "graph")
+
+Shape = tuple[int, int, int]   # (m, k, n): an [m, k] x [k, n] matmul
 
 
 def path_of(mode: str) -> str:
@@ -61,35 +67,7 @@ def cpu_model() -> str:
 
 def machine_key() -> str:
     import tensorflow as tf
-    return f"{cpu_model()} | {os.cpu_count()} cpus | tensorflow {tf.__version__} | fastcore.layers.matmul"
-
-
-def measure(dtype: str, path: str, size: int = SIZE, budget: float = BUDGET_SECONDS) -> float:
-    """Best matmul rate in GFLOP/s for `dtype` compiled on `path` (one compile, then timed repetitions)."""
-    import tensorflow as tf
-    if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}: choose one of {', '.join(PATHS)}")
-    from fastcore.layers import matmul as model_matmul   # the op the models run (bf16 under XLA: f32 accumulation)
-    matmul = tf.function(model_matmul, jit_compile=path == "xla")
-    a = tf.cast(tf.random.stateless_uniform([size, size], seed=[1, 2]), dtype)
-    b = tf.cast(tf.random.stateless_uniform([size, size], seed=[3, 4]), dtype)
-    matmul(a, b).numpy()   # trace + compile, and warm the caches
-    best, reps, start = float("inf"), 0, time.perf_counter()
-    while reps < MIN_REPS or time.perf_counter() - start < budget:
-        t = time.perf_counter()
-        matmul(a, b).numpy()
-        best = min(best, time.perf_counter() - t)
-        reps += 1
-    return 2 * size ** 3 / best / 1e9
-
-
-def _load() -> dict:
-    try:
-        with open(cache_path()) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}   # missing or unreadable: measure again
+    return f"{cpu_model()} | {os.cpu_count()} cpus | tensorflow {tf.__version__} | ceiling v2"
 
 
 def threads() -> int:
@@ -101,44 +79,116 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def measure_per_thread(pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """{"dtype/path": single-thread GFLOP/s}, measured in a child process restricted to one thread."""
-    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    args = [f"{dtype}/{path}" for dtype, path in pairs]
-    result = subprocess.run([sys.executable, "-m", "fastcore.observe.calibrate", *args], capture_output=True, text=True,
-                            env=env, timeout=600)
+def entry(dtype: str, path: str, shape: Shape) -> str:
+    return f"{dtype}/{path}/{shape[0]}x{shape[1]}x{shape[2]}"
+
+
+def measure(dtype: str, path: str, shape: Shape, budget: float = BUDGET_SECONDS) -> float:
+    """Best matmul rate in GFLOP/s for `dtype` compiled on `path` (one compile, then timed repetitions)."""
+    import tensorflow as tf
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}: choose one of {', '.join(PATHS)}")
+    from fastcore.layers import matmul as model_matmul   # the op the models run (bf16 under XLA: f32 accumulation)
+    matmul = tf.function(model_matmul, jit_compile=path == "xla")
+    m, k, n = shape
+    a = tf.cast(tf.random.stateless_uniform([m, k], seed=[1, 2]), dtype)
+    b = tf.cast(tf.random.stateless_uniform([k, n], seed=[3, 4]), dtype)
+    matmul(a, b).numpy()   # trace + compile, and warm the caches
+    best, reps, start = float("inf"), 0, time.perf_counter()
+    while reps < MIN_REPS or time.perf_counter() - start < budget:
+        t = time.perf_counter()
+        matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+        reps += 1
+    return 2 * m * k * n / best / 1e9
+
+
+def _load() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}   # missing or unreadable: measure again
+
+
+@contextlib.contextmanager
+def _locked():
+    """The cache's lock, held from reading it to writing it; without a writable cache folder, no lock
+    (and no cache: the figures are measured, not stored)."""
+    try:
+        os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
+        handle = open(cache_path() + ".lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _save(data: dict) -> None:
+    """Rewrite the cache atomically; a read-only or full cache folder costs the cache, never the run."""
+    try:
+        atomic.write_json(cache_path(), data)
+    except OSError:
+        pass
+
+
+def rates(entries: list[tuple[str, str, Shape]], refresh: bool = False) -> dict[str, tuple[float, bool]]:
+    """{entry: (GFLOP/s, from the cache)}; the missing ones are measured in one child process, under the lock."""
+    for dtype, path, _ in entries:
+        if dtype not in DTYPES or path not in PATHS:
+            raise ValueError(f"no calibration for {dtype}/{path}: dtypes {DTYPES}, paths {PATHS}")
+    key = machine_key()
+    with _locked():
+        data = _load()
+        cached = data.get(key, {})
+        out = {}
+        for dtype, path, shape in entries:
+            value = cached.get(entry(dtype, path, shape))
+            if isinstance(value, dict) and not refresh:
+                out[entry(dtype, path, shape)] = (value["gflops"], True)
+        missing = [e for e in entries if entry(*e) not in out]
+        if missing:
+            for name, gflops in _measure_in_child(missing).items():
+                data.setdefault(key, {})[name] = {"gflops": round(gflops, 1), "threads": threads(),
+                                                  "measured_by": f"best of {MIN_REPS}+ reps in {BUDGET_SECONDS} s"}
+                out[name] = (gflops, False)
+            _save(data)
+    return out
+
+
+def _measure_in_child(entries: list[tuple[str, str, Shape]]) -> dict[str, float]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-m", "fastcore.observe.calibrate", *(entry(*e) for e in entries)],
+                            capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"calibration failed: {result.stderr.strip()[-500:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def peak_gflops(dtype: str, path: str, refresh: bool = False) -> tuple[float, bool]:
-    """(peak GFLOP/s, whether it came from the cache) for this machine, `dtype` and `path`."""
-    return peaks([(dtype, path)], refresh)[f"{dtype}/{path}"]
+def ceiling(dtype: str, step_shapes: list[Shape] = (), refresh: bool = False) -> dict:
+    """The dtype's ceiling: the best of both paths on the large shape and the step's largest matmul.
+
+    Returns {"gflops", "path", "shape", "cached", "measured"}: where the best rate came from, and every rate.
+    """
+    shapes = [(LARGE, LARGE, LARGE)]
+    big = [s for s in step_shapes if s[0] * s[1] * s[2] >= MIN_STEP_MACS]
+    if big:
+        shapes.append(max(big, key=lambda s: s[0] * s[1] * s[2]))
+    measured = rates([(dtype, path, shape) for path in PATHS for shape in shapes], refresh)
+    best = max(measured, key=lambda name: measured[name][0])
+    _, path, shape = best.split("/")
+    return {"gflops": round(measured[best][0], 1), "path": path, "shape": shape,
+            "cached": all(cached for _, cached in measured.values()),
+            "measured": {name: round(gflops, 1) for name, (gflops, _) in measured.items()}}
 
 
 def peaks(pairs: list[tuple[str, str]], refresh: bool = False) -> dict[str, tuple[float, bool]]:
-    """{"dtype/path": (peak GFLOP/s, from the cache)}; measures the missing ones in one child process."""
-    for dtype, path in pairs:
-        if dtype not in DTYPES or path not in PATHS:
-            raise ValueError(f"no calibration for {dtype}/{path}: dtypes {DTYPES}, paths {PATHS}")
-    key, n = machine_key(), threads()
-    cached = _load().get(key, {})
-    out = {}
-    for dtype, path in pairs:
-        entry = cached.get(f"{dtype}/{path}")
-        if isinstance(entry, dict) and not refresh:
-            out[f"{dtype}/{path}"] = (entry["per_thread_gflops"] * n, True)
-    missing = [(d, p) for d, p in pairs if f"{d}/{p}" not in out]
-    if missing:
-        measured = measure_per_thread(missing)
-        data = _load()   # re-read: another run may have added entries meanwhile
-        for name, gflops in measured.items():
-            data.setdefault(key, {})[name] = {"per_thread_gflops": round(gflops, 1),
-                                              "measured_by": f"{SIZE}x{SIZE} matmul, 1 thread, best of {BUDGET_SECONDS} s"}
-            out[name] = (gflops * n, False)
-        _save(data)
-    return out
+    """{"dtype/path": (GFLOP/s on the large shape, from the cache)}: what `auto` compares per path."""
+    measured = rates([(dtype, path, (LARGE, LARGE, LARGE)) for dtype, path in pairs], refresh)
+    return {f"{dtype}/{path}": measured[entry(dtype, path, (LARGE, LARGE, LARGE))] for dtype, path in pairs}
 
 
 def cached(name: str):
@@ -147,27 +197,19 @@ def cached(name: str):
 
 
 def store(name: str, value) -> None:
-    """Store `value` under `name` for this machine (atomic rewrite of the cache file)."""
-    data = _load()
-    data.setdefault(machine_key(), {})[name] = value
-    _save(data)
-
-
-def _save(data: dict) -> None:
-    """Rewrite the cache atomically; a read-only or full cache folder costs the cache, never the run
-    (the figures are measured again next time)."""
-    try:
-        atomic.write_json(cache_path(), data)
-    except OSError:
-        pass
+    """Store `value` under `name` for this machine (under the lock; atomic rewrite of the cache file)."""
+    with _locked():
+        data = _load()
+        data.setdefault(machine_key(), {})[name] = value
+        _save(data)
 
 
 def _child(args: list[str]) -> int:
-    """Runs in the one-thread child: prints {"dtype/path": GFLOP/s} as the last line of stdout."""
+    """Runs in the child: prints {entry: GFLOP/s} as the last line of stdout."""
     result = {}
     for name in args:
-        dtype, path = name.split("/")
-        result[name] = measure(dtype, path)
+        dtype, path, shape = name.split("/")
+        result[name] = measure(dtype, path, tuple(int(v) for v in shape.split("x")))
     print(json.dumps(result), flush=True)
     return 0
 

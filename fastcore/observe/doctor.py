@@ -281,5 +281,7 @@ def doctor(logdir: str, out=sys.stdout) -> int:
     r.note(f"tensorboard --logdir {shlex.quote(logdir)}   then open http://localhost:6006 : Scalars tab; "
            f"Profile tab (in the menu at the top right if not shown), runs named <run>/<session>")
     r.note("the Profile tab reads traces when you open it: after a new run, reload the page")
+    r.note("offline, the Profile tab's charts stay blank: they are drawn by a script the page fetches from the "
+           "internet; its numbers (Average Step Time, op tables) and the trace viewer work without it")
     r.head("healthy" if not r.problems else f"{r.problems} problem(s) found")
     return 0 if not r.problems else 1
