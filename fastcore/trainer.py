@@ -103,6 +103,7 @@ class Trainer:
         self.preflight_report: preflight.PreflightReport | None = None
         self._built_models: dict | None = None
         self.warm_up_seconds: float | None = None
+        self._k = 1   # steps per compiled call of the feed in use (set by fit / verify)
 
     # -- building ------------------------------------------------------------------------------------
     @property
@@ -227,7 +228,8 @@ class Trainer:
                                      steps_per_epoch=steps_per_epoch, source=source)
 
     def preflight(self, first_call) -> preflight.PreflightReport:
-        """Compare compiled and eager losses and gradients on the first batch of `first_call`; raise
+        """Compare compiled and eager losses and gradients on the first batch of `first_call` (an element of
+        the feed: K stacked batches when steps_per_call > 1; fit calls this before training); raise
         PreflightError (the one line) when they disagree. Changes no weight.
 
         Meanwhile the training call is compiled on `first_call` with updates off (the guard's skip branch,
@@ -264,6 +266,8 @@ class Trainer:
             raise UsageError(f"verify steps={steps} must be positive")
         feed = self.feed(x, y, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
         engine = self.build(feed)
+        if engine.mode == "eager":
+            raise UsageError("verify compares the compiled step with the eager one: use mode='xla' or 'graph'")
         self._k = self._steps_per_call(feed)
         batches = list(feed.dataset.take(math.ceil(steps / self._k)))
         reference = None
@@ -274,9 +278,6 @@ class Trainer:
             f32 = Precision("float32", "reference")
             reference = self._make_engine(f32, "eager", feed.batch_size, self._build_models(f32),
                                           self._optimizers(f32, fresh=True))
-        mode_engine = engine if engine.mode != "eager" else None
-        if mode_engine is None:
-            raise UsageError("verify compares the compiled step with the eager one: use mode='xla' or 'graph'")
         return verifying.verify(engine, batches, self.precision, self._k > 1, reference)
 
     def fit(self, x=None, y=None, *, batch_size: int | None = None, epochs: int = 1, steps: int | None = None,
