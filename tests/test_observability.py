@@ -172,7 +172,7 @@ def test_summary_holds_the_meter_and_the_ledger(higgs_run):
     assert s["utilisation"] == pytest.approx(min(1.0, s["achieved_gflops"] / peak["gflops"]))
     assert s["traces"] == {"train": 1, "eval": 1} and s["xla_compilations"] == {"train": 1, "eval": 1}
     assert s["retraced"] is False and s["retraces"] == []
-    assert s["profile"]["steps"] == [2, 4] and s["profile"]["traced_calls_first_steps"] == [2, 3, 4]
+    assert s["profile"]["steps"] == [2, 4] and s["profile"]["traced_steps"] == [2, 3, 4]
     out = result.stdout
     assert "utilisation " in out and "GFLOP/s peak (float32 " in out and "best of XLA and oneDNN" in out
     assert "traces: train 1, eval 1; XLA compilations: train 1, eval 1; no retrace" in out
@@ -218,6 +218,25 @@ def test_cached_calibration(monkeypatch, tmp_path):
     assert again["cached"] and again["gflops"] == pytest.approx(first["gflops"], rel=1e-3)
     stored = json.loads((tmp_path / "calibration.json").read_text())
     assert list(stored) == [calibrate.machine_key()] and tf.__version__ in calibrate.machine_key()
+
+
+def test_a_profile_window_in_k_step_calls_has_one_marker_per_step_and_skips_the_compiling_call(data_dir, tmp_path):
+    def run(name, window):
+        return run_module("fastcore.train", "--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split",
+                          "train[2000:3000]", "--epochs", "3", "--steps-per-call", "2", "--precision", "float32",
+                          "--profile-steps", window, "--run-name", name, "--data-dir", data_dir, "--logdir", str(tmp_path))
+    result = run("r1", "2:4")
+    assert result.returncode == 0, result.stderr
+    s = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    # step 2 lies in the first call (steps 1-2, which compiles): left out; steps 3 and 4 traced one per marker
+    assert s["profile"]["traced_steps"] == [3, 4] and "moved_from" not in s["profile"]
+    assert s["traces"]["train"] == 1 and s["traces"]["train (profile window)"] == 1 and not s["retraced"]
+    assert len(profiling.profile_sessions(str(tmp_path / "r1"))) == 1
+    moved = run("r2", "2:2")   # wholly inside the compiling call: the next call is traced instead
+    assert moved.returncode == 0, moved.stderr
+    m = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert m["profile"]["moved_from"] == [2, 2] and m["profile"]["traced_steps"] == [3, 4]
+    assert "moved from 2-2: the first call compiles" in moved.stdout
 
 
 def test_concurrent_runs_share_one_calibration(tmp_path):

@@ -39,6 +39,7 @@ class Loop:
     history: list = dataclasses.field(default_factory=list)
     should_stop: object = None       # () -> bool, asked after each call (e.g. a SIGTERM arrived)
     ending_epoch: bool = False       # during on_call_end: whether this call ends an epoch (its eval follows)
+    call_override: object = None     # set by a callback for the next call: (batch) -> logs, run instead
 
     def __post_init__(self):
         self.meter = Meter(self.batch_size * self.steps_per_call, self.steps_per_call)
@@ -57,7 +58,8 @@ class Loop:
             for cb in self.callbacks:
                 cb.on_call_begin(self)
             batch = self.meter.timed_next(self.iterator)
-            logs = self.meter.timed_call(self.train_fn, batch)
+            logs = self.meter.timed_call(self.call_override or self.train_fn, batch)
+            self.call_override = None
             bad_step = int(self.engine.first_non_finite_step.numpy())   # one scalar per call, not per step
             if bad_step >= 0:
                 raise NonFiniteLoss(bad_step)

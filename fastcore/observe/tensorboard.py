@@ -109,26 +109,51 @@ def profile_sessions(run_dir: str) -> list[str]:
 
 
 class ProfileWindow(Callback):
-    """Profiler trace of the calls covering steps first..last (from 1, inclusive), with step markers."""
+    """Profiler trace of the calls covering steps first..last (from 1, inclusive), one marker per step.
+
+    Inside the window a call of K steps runs as K one-step calls (the same batches, in order), each in its
+    own step marker, so the Profile tab's step time is per training step, not per call of K. The run's
+    first call traces and compiles; it is left out unless the window starts at step 1, and a window that
+    lies wholly inside it moves to the next call (summary.json's `profile.moved_from` says so).
+    """
 
     def __init__(self, run_dir: str, first: int, last: int):
         self.run_dir, self.first, self.last = run_dir, first, last
         self.active = self.done = False
         self.trace = None
         self.session_dir: str | None = None
-        self.traced_steps: list[int] = []   # first step of each traced call
+        self.moved_from: tuple[int, int] | None = None
+        self.traced_steps: list[int] = []   # every traced step
 
     def on_call_begin(self, loop) -> None:
-        first_step, last_step = loop.steps_done + 1, loop.steps_done + loop.steps_per_call
+        k = loop.steps_per_call
+        first_step, last_step = loop.steps_done + 1, loop.steps_done + k
+        if loop.meter.calls == 0 and self.first > 1 and first_step <= self.last and last_step >= self.first:
+            if self.last <= last_step:   # the whole window is in the compiling call: trace the next one
+                self.moved_from = (self.first, self.last)
+                self.first, self.last = last_step + 1, last_step + k
+            return
         if not self.active and not self.done and first_step <= self.last and last_step >= self.first:
             self.before = set(profile_sessions(self.run_dir))
             tf.profiler.experimental.start(self.run_dir)
             self.active = True
-        if self.active:
-            loop.meter.exclude_next_call()
+        if not self.active:
+            return
+        loop.meter.exclude_next_call()
+        if k == 1:   # the marker starts on creation: it spans the batch fetch and the call
             self.traced_steps.append(first_step)
-            # The marker starts on creation: it spans the batch fetch and the call.
             self.trace = tf.profiler.experimental.Trace("train", step_num=first_step, _r=1)
+        else:
+            loop.call_override = lambda batch: self._stepwise(loop.engine, batch, first_step, k)
+
+    def _stepwise(self, engine, batch, first_step: int, k: int) -> dict:
+        totals = None
+        for i in range(k):
+            with tf.profiler.experimental.Trace("train", step_num=first_step + i, _r=1):
+                logs = engine.train_stepwise(tf.nest.map_structure(lambda t: t[i], batch))
+            self.traced_steps.append(first_step + i)
+            totals = logs if totals is None else {name: totals[name] + logs[name] for name in totals}
+        return {name: total / k for name, total in totals.items()}
 
     def on_call_end(self, loop, logs) -> None:
         if self.trace is not None:
@@ -173,7 +198,9 @@ class Observer:
         }
         if self.window:
             out["profile"] = {"steps": [self.window.first, self.window.last], "dir": self.window.session_dir,
-                              "traced_calls_first_steps": self.window.traced_steps, "view": f"{view}  (Profile tab)"}
+                              "traced_steps": self.window.traced_steps, "view": f"{view}  (Profile tab)"}
+            if self.window.moved_from:
+                out["profile"]["moved_from"] = list(self.window.moved_from)
         return out
 
 
@@ -216,7 +243,9 @@ def final_lines(summary: dict) -> list[str]:
         prof = summary["profile"]
         a, b = prof["steps"]
         if prof["dir"]:
-            lines.append(f"profile of steps {a}-{b}: {prof['dir']}  view: {prof['view']}")
+            moved = (f" (moved from {prof['moved_from'][0]}-{prof['moved_from'][1]}: the first call compiles; "
+                     f"--profile-steps 1:B includes it)" if prof.get("moved_from") else "")
+            lines.append(f"profile of steps {a}-{b}{moved}: {prof['dir']}  view: {prof['view']}")
         else:
             lines.append(f"profile of steps {a}-{b}: not written (the run did not execute those steps)")
     return lines
