@@ -1,6 +1,7 @@
 """HIGGS: the UCI CSV (label, then 28 features) via a binary row cache, or tfds."""
 import glob
 import os
+import sys
 
 import numpy as np
 
@@ -9,6 +10,7 @@ from pipelines.arrays import Arrays
 from pipelines.csvrows import iter_rows
 from pipelines.errors import DataError
 from pipelines.online import tfds_numpy
+from pipelines.progress import Progress
 from pipelines.splits import parse_split, split_name
 
 # UCI column order after the label; tfds stores the same columns by name.
@@ -22,19 +24,34 @@ FEATURES = (
 )
 COLUMNS = 1 + len(FEATURES)
 KNOWN_NAMES = ('HIGGS.csv.gz', 'HIGGS.csv', 'HIGGS-sample.csv.gz', 'HIGGS-sample.csv')
-FILES_HINT = 'HIGGS.csv.gz (UCI layout: label, then 28 features)'
+LAYOUT = '(UCI layout: label, then 28 features)'
+FILES_HINT = f'HIGGS.csv.gz {LAYOUT}'
 
 
 def load_local(spec: str, data_dir: str) -> Arrays:
-    """Rows `spec` of the CSV found from `data_dir`, parsed once into the cache."""
+    """Rows `spec` of the CSV found from `data_dir`, parsed once into the checksummed cache."""
     _check_split(spec)
     source = find_csv(data_dir)
     cache = rowcache.cache_path(source)
+
+    def parse():
+        progress = Progress(f'fastcore: reading {os.path.basename(source)}', os.path.getsize(source))
+        return iter_rows(source, COLUMNS, (0.0, 1.0), progress)
+
     total = rowcache.row_count(cache, COLUMNS)
     if total is None:
-        total = rowcache.write_rows(cache, COLUMNS, iter_rows(source, COLUMNS, (0.0, 1.0)))
-    rows = parse_split(spec, total)
-    data = rowcache.read_rows(cache, COLUMNS, rows)
+        total = rowcache.build(cache, COLUMNS, parse)
+    try:
+        data = rowcache.read_rows(cache, COLUMNS, parse_split(spec, total))
+    except rowcache.ChecksumError as bad:
+        print(f'fastcore: the HIGGS row cache {cache!r} failed its checksum; rebuilding it from {source!r}',
+              file=sys.stderr)
+        total = rowcache.build(cache, COLUMNS, parse, bad=bad.identity)
+        try:
+            data = rowcache.read_rows(cache, COLUMNS, parse_split(spec, total))
+        except rowcache.ChecksumError:
+            raise DataError(f'the HIGGS row cache {cache!r} failed its checksum again right after a '
+                            f'rebuild: check that disk, or set FASTCORE_CACHE_DIR to another folder') from None
     return Arrays(x=np.ascontiguousarray(data[:, 1:]), y=np.ascontiguousarray(data[:, :1]),
                   source=f'{source} {spec}')
 
@@ -62,9 +79,9 @@ def find_csv(data_dir: str) -> str:
         if len(found) == 1:
             return found[0]
         if found:
-            raise DataError(f'{folder} holds {len(found)} CSV files; point --data-dir at the HIGGS one')
-    raise DataError(f'no HIGGS data in {data_dir}: expected {os.path.join(data_dir, "higgs")}/'
-                    f'{FILES_HINT}, or point --data-dir at the file')
+            raise DataError(f'{folder!r} holds {len(found)} CSV files; point --data-dir at the HIGGS one')
+    raise DataError(f'no HIGGS data in {data_dir!r}: expected {os.path.join(data_dir, "higgs", "HIGGS.csv.gz")!r} '
+                    f'{LAYOUT}, or point --data-dir at the file')
 
 
 def _check_split(spec: str) -> None:

@@ -22,14 +22,14 @@ def read_idx(path: str, magic: int) -> np.ndarray:
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f'{path}: too short for an IDX header ({len(raw)} bytes); re-download it')
+        raise DataError(f'{path!r}: too short for an IDX header ({len(raw)} bytes); re-download it')
     (found,) = struct.unpack('>i', raw[:4])
     if found != magic:
-        raise DataError(f'{path}: IDX magic {found}, expected {magic}; wrong or corrupt file, re-download it')
+        raise DataError(f'{path!r}: IDX magic {found}, expected {magic}; wrong or corrupt file, re-download it')
     dims = struct.unpack(f'>{ndim}i', raw[4:header])
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
-        raise DataError(f'{path}: {len(raw)} bytes but its header {dims} needs {expected}; re-download it')
+        raise DataError(f'{path!r}: {len(raw)} bytes but its header {dims} needs {expected}; re-download it')
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
@@ -41,10 +41,10 @@ def _read_bytes(path: str) -> bytes:
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
-            raise DataError(f'{path}: file not found') from e
-        raise DataError(f'{path}: unreadable or corrupt ({e}); re-download it') from e
+            raise DataError(f'{path!r}: file not found') from e
+        raise DataError(f'{path!r}: unreadable or corrupt ({e}); re-download it') from e
     if not raw:
-        raise DataError(f'{path}: file is empty; re-download it')
+        raise DataError(f'{path!r}: file is empty; re-download it')
     return raw
 
 

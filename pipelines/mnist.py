@@ -32,7 +32,7 @@ def load_local(name: str, spec: str, folder: str) -> Arrays:
     images = read_idx(images_path, IMAGES_MAGIC)
     labels = read_idx(labels_path, LABELS_MAGIC)
     if len(images) != len(labels):
-        raise DataError(f'{images_path} has {len(images)} images but {labels_path} has '
+        raise DataError(f'{images_path!r} has {len(images)} images but {labels_path!r} has '
                         f'{len(labels)} labels; re-download them')
     rows = parse_split(spec, len(images))
     return _arrays(images[rows], labels[rows], f'{images_path} {spec}')
@@ -56,9 +56,9 @@ def _missing_message(name: str, split: str, folder: str) -> str:
     other = 'test' if split == 'train' else 'train'
     stem = f'{PREFIX[split]}-images-idx3-ubyte.gz'
     if find_file(folder, f'{PREFIX[other]}-images-idx3-ubyte'):
-        return (f"{folder} has no {split} files for {name} ({stem} and labels), only '{other}': "
+        return (f"{folder!r} has no {split} files for {name} ({stem} and labels), only '{other}': "
                 f'use --train-split {other}[:8000] --eval-split {other}[8000:]')
-    return f'{folder} has no {name} files: expected {FILES_HINT}'
+    return f'{folder!r} has no {name} files: expected {FILES_HINT}'
 
 
 def folder_for(name: str, data_dir: str) -> str:
@@ -70,5 +70,5 @@ def folder_for(name: str, data_dir: str) -> str:
         path = os.path.join(data_dir, child)
         if os.path.isdir(path):
             return path
-    raise DataError(f'no {name} data in {data_dir}: expected {os.path.join(data_dir, children[0])}/ '
+    raise DataError(f'no {name} data in {data_dir!r}: expected {os.path.join(data_dir, children[0], "")!r} '
                     f'or a folder holding {FILES_HINT}')

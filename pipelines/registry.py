@@ -23,7 +23,7 @@ def load(dataset: str, split: str, data_dir: str | None = None, seed: int = 0) -
         return synthetic.load_sine(split, seed)
     data_dir = data_dir or os.environ.get('FASTCORE_DATA_DIR') or None
     if data_dir is not None and not os.path.exists(data_dir):
-        raise DataError(f'data dir {data_dir} does not exist: fix --data-dir or FASTCORE_DATA_DIR')
+        raise DataError(f'data dir {data_dir!r} does not exist: fix --data-dir or FASTCORE_DATA_DIR')
     if dataset == 'higgs':
         return higgs.load_tfds(split) if data_dir is None else higgs.load_local(split, data_dir)
     if data_dir is None:

@@ -342,3 +342,21 @@ def test_a_summary_that_cannot_be_written_is_said_and_the_figures_still_printed(
     assert code == 0 and not err
     assert "summary.json not written" in out and "No space left on device" in out
     assert "examples/s steady" in out and not (tmp_path / "r" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("garbage", ["rows", "nan"])
+def test_a_damaged_row_cache_is_rebuilt_with_one_line_and_trains_as_before(data_dir, tmp_path, monkeypatch, garbage):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(cache_dir))
+    code, out, _ = cli(data_dir, tmp_path, "--epochs", "1", "--run-name", "a")
+    assert code == 0
+    [cache] = [p for p in cache_dir.iterdir() if p.suffix == ".rows"]
+    with open(cache, "r+b") as f:   # same size: 500 rows of garbage, or NaNs, in the middle of the payload
+        f.seek(64 + 1000 * 29 * 4)
+        f.write((np.full(500 * 29, np.nan, np.float32) if garbage == "nan"
+                 else np.random.default_rng(0).normal(0, 1e6, 500 * 29).astype(np.float32)).tobytes())
+    code, again, err = cli(data_dir, tmp_path, "--epochs", "1", "--run-name", "b")
+    assert code == 0
+    one_line(err, "failed its checksum; rebuilding it from")
+    loss = lambda text: [l for l in text.splitlines() if l.startswith("epoch 1")][0]
+    assert loss(again) == loss(out)   # the same data as before the damage, not garbage

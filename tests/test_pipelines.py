@@ -112,7 +112,7 @@ def test_idx_truncated_gzip(tmp_path):
     _write_mnist(tmp_path, _idx_bytes(2051, (3, 28, 28), range(3 * 784 % 256)), _idx_bytes(2049, (3,), [1] * 3))
     path = tmp_path / 't10k-images-idx3-ubyte.gz'
     path.write_bytes(path.read_bytes()[:-12])
-    with pytest.raises(DataError, match='t10k-images-idx3-ubyte.gz: unreadable or corrupt'):
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz': unreadable or corrupt"):
         load('mnist', 'test', data_dir=str(tmp_path))
 
 
