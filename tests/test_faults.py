@@ -277,16 +277,19 @@ def test_an_unexpected_error_is_exit_70_with_a_saved_traceback(data_dir, tmp_pat
     os.remove(path)
 
 
+def tmpfs(folder, options: str):
+    """A real tmpfs mounted at `folder` (created) for the test's duration; unmounted after."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CI and the development machines run as root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 26 MB tmpfs: room for two HIGGS checkpoints (about 10 MB each with Adam's slots), not three."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=26m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CI and the development machines run as root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    yield from tmpfs(tmp_path / "disk", "size=26m")
 
 
 def test_a_full_disk_during_checkpoints_costs_the_checkpoint_not_the_run(data_dir, small_disk):
@@ -303,13 +306,7 @@ def test_a_full_disk_during_checkpoints_costs_the_checkpoint_not_the_run(data_di
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A read-only tmpfs: unwritable even for root, as a read-only disk or share is."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CI and the development machines run as root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    yield from tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 def test_a_read_only_run_folder_is_refused_before_training(data_dir, read_only_folder):
