@@ -35,7 +35,7 @@ class Interrupted(FastcoreError):
     """
 
     def __init__(self, signal_name: str, step: int, checkpoint: str | None, exit_code: int, summary: dict | None = None):
-        where = f"checkpoint {checkpoint}; continue with --resume" if checkpoint else "no checkpoint (none configured)"
+        where = f"checkpoint {checkpoint!r}; continue with --resume" if checkpoint else "no checkpoint (none configured)"
         super().__init__(f"stopped by {signal_name} at step {step}; {where}")
         self.signal, self.step, self.checkpoint, self.exit_code, self.summary = (
             signal_name, step, checkpoint, exit_code, summary)
@@ -49,5 +49,5 @@ class NonFiniteError(FastcoreError):
 
     def __init__(self, step: int, last_good_checkpoint: str | None = None, summary: dict | None = None):
         super().__init__(f"the loss, a gradient or an updated weight was NaN/Inf at step {step}; no checkpoint was "
-                         f"written after it; last good checkpoint: {last_good_checkpoint or 'none saved yet'}")
+                         f"written after it; last good checkpoint: {repr(last_good_checkpoint) if last_good_checkpoint else 'none saved yet'}")
         self.step, self.last_good_checkpoint, self.summary = step, last_good_checkpoint, summary

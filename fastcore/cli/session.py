@@ -87,7 +87,7 @@ def _main(args: argparse.Namespace) -> int:
           f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
     path = os.path.join(p.run_dir, "summary.json")
     if config.resume and not _has_checkpoint(p.checkpoint_dir):
-        print(f"--resume: no checkpoint in {p.checkpoint_dir} yet; starting from step 0", flush=True)
+        print(f"--resume: no checkpoint in {p.checkpoint_dir!r} yet; starting from step 0", flush=True)
     try:
         summary, _ = train_and_summarize(p)
     except (CheckpointMismatch, UsageError, pipelines.DataError) as e:

@@ -106,11 +106,11 @@ def check_same_run(prefix: str, meta: dict, precision: str, identity: dict) -> N
     """Raise CheckpointMismatch unless the checkpoint was written by this run (same precision and identity)."""
     written_in = meta.get("precision")
     if written_in != precision:   # float32 variables fit any policy: restore would not notice
-        raise CheckpointMismatch(f"cannot resume from {prefix}: it was trained in {written_in}, this run "
+        raise CheckpointMismatch(f"cannot resume from {prefix!r}: it was trained in {written_in}, this run "
                                  f"is {precision}; resume with --precision {written_in} (or auto)")
     changed = differences(meta.get("identity", {}), identity)
     if changed:
-        raise CheckpointMismatch(f"cannot resume from {prefix}: this is not the same run: "
+        raise CheckpointMismatch(f"cannot resume from {prefix!r}: this is not the same run: "
                                  f"{'; '.join(changed)}; only the length (epochs, steps) may change on resume")
 
 
@@ -171,7 +171,7 @@ class Checkpoints(Callback):
             try:
                 self.checkpoint.restore(prefix).assert_consumed()
             except (AssertionError, ValueError) as e:
-                raise CheckpointMismatch(f"cannot resume from {prefix}: it does not match this run "
+                raise CheckpointMismatch(f"cannot resume from {prefix!r}: it does not match this run "
                                          f"({_first_line(e)}); resume with the flags of the run that wrote it, "
                                          f"or use another --checkpoint-dir") from None
             except Exception as e:   # damaged data file: checksum, truncation
