@@ -79,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
                    help="save a checkpoint every N steps, at the next call end (default: every epoch); "
                    "one is always saved at the end; the last 3 are kept")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in the checkpoint dir (same flags as the first run)")
+                   help="continue from the newest intact checkpoint in the checkpoint dir: the same run only (another data "
+                   "file, split, batch size, seed, model or optimizer is refused); only --epochs may grow")
     p.add_argument("--deterministic", action="store_true",
                    help="turn on TensorFlow op determinism: a resumed run then ends bit-identical to an "
                    "uninterrupted one")
