@@ -44,11 +44,6 @@ PATHS = ("xla", "graph")
 Shape = tuple[int, int, int]   # (m, k, n): an [m, k] x [k, n] matmul
 
 
-def path_of(mode: str) -> str:
-    """The compile path whose kernels a step mode runs: eager executes the same ops as a graph."""
-    return "xla" if mode == "xla" else "graph"
-
-
 def cache_path() -> str:
     """Beside the parsed-data caches: one folder rule ($FASTCORE_CACHE_DIR, else ~/.cache/fastcore)."""
     return os.path.join(rowcache.cache_dir(), "calibration.json")
