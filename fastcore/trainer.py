@@ -29,7 +29,7 @@ from fastcore.callbacks import Callback
 from fastcore.engine import autoprecision, checkpoint, feeding, preflight, runguard, verify as verifying
 from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
 from fastcore.engine.precision import Precision, resolve
-from fastcore.engine.step import MODES, Engine, StepContext, Update
+from fastcore.engine.step import MODES, Engine, StepContext, Update, per_example_values
 from fastcore.errors import Interrupted, NonFiniteError, PreflightError, UsageError
 from fastcore.observe import flops, tensorboard
 from fastcore.observe.progress import Progress
@@ -237,18 +237,7 @@ class Trainer:
         scaler, which has no such switch, so there the pre-flight runs alone."""
         engine = self.engine
         batch = tf.nest.map_structure(lambda t: t[0], first_call) if self._k > 1 else first_call
-        warm_up = None
-        if not engine.loss_scaling:
-            train_fn = engine.train_many if self._k > 1 else engine.train_one
-
-            def warm_up():
-                engine.updates_on.assign(False)   # the call compiles and runs, applies nothing, counts no step
-                try:
-                    start = time.perf_counter()
-                    tf.nest.map_structure(lambda t: t.numpy(), train_fn(first_call))
-                    self.warm_up_seconds = time.perf_counter() - start
-                finally:
-                    engine.updates_on.assign(True)
+        warm_up = None if engine.loss_scaling else (lambda: self._compile_training_call(first_call))
         report = preflight.check(engine, batch, self.precision.name, warm_up)
         if self.warm_up_seconds:   # the training compile it overlapped would have happened anyway
             report.extra_seconds = max(report.seconds - self.warm_up_seconds, 0.0)
@@ -256,6 +245,18 @@ class Trainer:
         if not report.passed:
             raise PreflightError(report.line(), report)
         return report
+
+    def _compile_training_call(self, first_call) -> None:
+        """Compile (and run) the training call on `first_call` with updates off: applies nothing, counts no step."""
+        engine = self.engine
+        train_fn = engine.train_many if self._k > 1 else engine.train_one
+        engine.updates_on.assign(False)
+        try:
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), train_fn(first_call))
+            self.warm_up_seconds = time.perf_counter() - start
+        finally:
+            engine.updates_on.assign(True)
 
     def verify(self, x, y=None, *, steps: int = 20, batch_size: int | None = None,
                steps_per_epoch: int | None = None) -> verifying.Report:
@@ -317,7 +318,7 @@ class Trainer:
         for name, folder in (("run_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
             atomic.check_writable(name, folder)
         if self.loss is not None:
-            _check_supervised(feed.dataset.element_spec, k)
+            _unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
         checkpoint_dir = checkpoint_dir or (os.path.join(run_dir, "checkpoints") if run_dir else None)
         engine = self.build(feed, resume_from=checkpoint_dir if resume else None)
         if validation_data is not None:
@@ -506,22 +507,13 @@ def per_example_loss(loss) -> Callable:
 
 
 def _unpack(batch):
+    """(x, y, sample_weight or None) from a batch, or from a dataset's element_spec (checked up front)."""
     if isinstance(batch, Mapping):
         raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight); this dataset yields "
                          "dicts: map it, e.g. ds.map(lambda d: (d['image'], d['label']))")
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
     raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight)")
-
-
-def _per_example(v):
-    v = tf.cast(v, tf.float32)
-    if v.shape.rank == 1:
-        return v
-    if v.shape.rank == 0:
-        raise UsageError("the loss returned a scalar: it must return one value per example (a Keras loss "
-                         "object, or a callable without reduction)")
-    return tf.reduce_mean(tf.reshape(v, [tf.shape(v)[0], -1]), axis=1)
 
 
 def loss_step(model, loss) -> Callable:
@@ -532,7 +524,7 @@ def loss_step(model, loss) -> Callable:
         x, y, weights = _unpack(batch)
         with tf.GradientTape() as tape:
             out = tf.cast(ctx.call(model, x), tf.float32)
-            per = _per_example(loss_fn(y, out))
+            per = per_example_values(loss_fn(y, out))
             if weights is not None:
                 per = per * tf.cast(tf.reshape(weights, [-1]), tf.float32)
             # Sum / global batch (not mean): stays right when tf.distribute splits the batch.
@@ -550,8 +542,8 @@ def loss_eval(model, loss, metrics: dict) -> Callable:
     def evaluate(batch, ctx: StepContext) -> dict:
         x, y, _ = _unpack(batch)
         out = tf.cast(ctx.call(model, x), tf.float32)
-        values = {"loss": _per_example(loss_fn(y, out))}
-        values.update({name: _per_example(fn(y, out)) for name, fn in metrics.items()})
+        values = {"loss": per_example_values(loss_fn(y, out))}
+        values.update({name: per_example_values(fn(y, out)) for name, fn in metrics.items()})
         return values
     return evaluate
 
@@ -599,11 +591,3 @@ def _inside(folder: str, parent: str | None) -> bool:
         return False
     folder, parent = os.path.abspath(folder), os.path.abspath(parent)
     return folder == parent or folder.startswith(parent + os.sep)
-
-
-def _check_supervised(spec, k: int) -> None:
-    if isinstance(spec, Mapping):
-        raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight); this dataset yields "
-                         "dicts: map it, e.g. ds.map(lambda d: (d['image'], d['label']))")
-    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
-        raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight)")

@@ -86,5 +86,5 @@ def find_csv(data_dir: str) -> str:
 
 def _check_split(spec: str) -> None:
     if split_name(spec) != 'train':
-        raise DataError(f"higgs has only the 'train' split; hold out its end for evaluation, "
-                        f"e.g. --train-split 'train[:-500000]' --eval-split 'train[-500000:]'")
+        raise DataError("higgs has only the 'train' split; hold out its end for evaluation, "
+                        "e.g. --train-split 'train[:-500000]' --eval-split 'train[-500000:]'")

@@ -30,7 +30,6 @@ class Feed:
     dataset: tf.data.Dataset
     batch_size: int
     steps_per_epoch: int
-    examples: int | None        # training examples per epoch, when known
     source: str
     fingerprint: str            # what the data is, for a resume's same-run check (see fingerprint())
 
@@ -66,7 +65,7 @@ def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, see
                          f"use at most {len(data)}")
     per_epoch = steps_per_epoch or len(data) // batch_size
     stream = pipelines.train_stream(data, batch_size, seed, steps_per_call)
-    return Feed(stream, batch_size, per_epoch, per_epoch * batch_size, data.source, fingerprint(data))
+    return Feed(stream, batch_size, per_epoch, data.source, fingerprint(data))
 
 
 def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epoch, source) -> Feed:
@@ -92,7 +91,7 @@ def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epo
     if steps_per_call > 1:
         ds = ds.batch(steps_per_call, drop_remainder=True)
     described = f"{source}; {ds.element_spec}; {steps_per_epoch} batches of {dim} per epoch"
-    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, None, source, described)
+    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, source, described)
 
 
 SAMPLED_ROWS = 256

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from fastcore.engine.verify import SavedState
+from fastcore.engine.verify import SavedState, relative_difference
 
 # Relative tolerance per compute dtype: max |compiled - eager| / max |eager| per tensor. Measured on the
 # built-in tasks and examples here (one step, inference mode): float32 <= 2e-6; bfloat16 (XLA's bf16 x bf16
@@ -104,20 +104,8 @@ def check(engine, batch, precision: str, warm_up=None) -> PreflightReport:
     state.restore()
     eager = {k: np.asarray(v, np.float64) for k, v in outputs(engine, batch).items()}
     state.restore()
-    differences = [(name, *_difference(a, eager[name])) for name, a in compiled.items()]
+    differences = [(name, *relative_difference(a, eager[name])) for name, a in compiled.items()]
     tolerance = TOLERANCE[precision]
     passed = all(rel <= tolerance for _, _, rel in differences)
     return PreflightReport(passed, precision, time.perf_counter() - start, tolerance, differences)
 
-
-def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(max abs, max abs / max |b|) over the finite entries; inf when the two are not finite in the same
-    places (a NaN on both paths agrees: the finiteness guard, not the pre-flight, deals with it)."""
-    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
-    if not np.array_equal(finite_a, finite_b):
-        return float("inf"), float("inf")
-    if not finite_a.any():
-        return 0.0, 0.0
-    max_abs = float(np.max(np.abs(a[finite_a] - b[finite_b])))
-    scale = float(np.max(np.abs(b[finite_b])))
-    return max_abs, max_abs / scale if scale else max_abs

@@ -362,7 +362,7 @@ class Engine:
         values = self.eval_fn(batch, StepContext(self, training=False))
         self._eval_names = tuple(values)
         w = tf.cast(weights, tf.float32)
-        sums = [tf.reduce_sum(_per_example(v) * w) for v in values.values()]
+        sums = [tf.reduce_sum(per_example_values(v) * w) for v in values.values()]
         return tf.stack(sums + [tf.reduce_sum(w)])
 
     @property
@@ -400,11 +400,14 @@ def _scalar(value) -> tf.Tensor:
     return value if value.shape.rank == 0 else tf.reduce_mean(value)
 
 
-def _per_example(value) -> tf.Tensor:
-    """[B] from [B, ...]: the mean over the non-batch axes."""
+def per_example_values(value) -> tf.Tensor:
+    """[B] from [B, ...]: the mean over the non-batch axes (losses, metrics, eval values)."""
     value = tf.cast(value, tf.float32)
     if value.shape.rank == 1:
         return value
+    if value.shape.rank == 0:
+        raise UsageError("a loss or metric returned a scalar: it must return one value per example (a Keras loss "
+                         "object, or a callable without reduction)")
     return tf.reduce_mean(tf.reshape(value, [tf.shape(value)[0], -1]), axis=1)
 
 

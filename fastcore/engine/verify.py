@@ -102,13 +102,21 @@ def run_steps(engine, batches: list, stacked: bool, compiled: bool) -> np.ndarra
     return np.array([float(next(iter(fn(batch).values()))) for batch in batches])
 
 
+def relative_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max |a - b|, that / max |b|) over the finite entries; inf when the two are not finite in the same
+    places (NaN on both paths agrees: the finiteness guard, not this comparison, deals with it)."""
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    if not np.array_equal(finite_a, finite_b):
+        return float("inf"), float("inf")
+    if not finite_a.any():
+        return 0.0, 0.0
+    max_abs = float(np.max(np.abs(a[finite_a] - b[finite_b])))
+    scale = float(np.max(np.abs(b[finite_b])))
+    return max_abs, max_abs / scale if scale else max_abs
+
+
 def compare(a, b) -> list[Difference]:
-    diffs = []
-    for (name, x), (_, y) in zip(a, b):
-        max_abs = float(np.max(np.abs(x - y))) if x.size else 0.0
-        scale = float(np.max(np.abs(y))) if y.size else 0.0
-        diffs.append(Difference(name, max_abs, max_abs / scale if scale else max_abs))
-    return diffs
+    return [Difference(name, *relative_difference(x, y)) for (name, x), (_, y) in zip(a, b)]
 
 
 def verify(engine, batches: list, precision: Precision, stacked: bool, reference=None) -> Report:
