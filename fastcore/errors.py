@@ -1,7 +1,7 @@
 """The faults fastcore reports, each as an exception whose message is the one line a user needs.
 
 The CLI maps them to exit codes: UsageError / DataError / CheckpointMismatch -> 2, PreflightError and a
-failed verify -> 1, NonFiniteError -> 3, Interrupted -> 130 (SIGINT) / 143 (SIGTERM).
+failed verify -> 1, NonFiniteError -> 3, PeerLost -> 4, Interrupted -> 130 (SIGINT) / 143 (SIGTERM).
 """
 from __future__ import annotations
 
@@ -51,3 +51,13 @@ class NonFiniteError(FastcoreError):
         super().__init__(f"the loss, a gradient or an updated weight was NaN/Inf at step {step}; no checkpoint was "
                          f"written after it; last good checkpoint: {repr(last_good_checkpoint) if last_good_checkpoint else 'none saved yet'}")
         self.step, self.last_good_checkpoint, self.summary = step, last_good_checkpoint, summary
+
+
+class PeerLost(FastcoreError):
+    """Under tf.distribute, another worker failed, was killed or did not answer within the timeout; the run
+    stopped. The last checkpoint (written before the fault) is intact: `--resume` continues from it."""
+
+    def __init__(self, cause: str, step: int, checkpoint: str | None):
+        where = f"last checkpoint {checkpoint!r}; continue with --resume" if checkpoint else "no checkpoint saved yet"
+        super().__init__(f"a worker was lost at step {step} ({cause}); {where}")
+        self.cause, self.step, self.checkpoint = cause, step, checkpoint

@@ -24,13 +24,13 @@ from typing import Any, TextIO
 import keras
 import tensorflow as tf
 
-from fastcore import atomic
+from fastcore import atomic, distribute
 from fastcore.callbacks import Callback
 from fastcore.engine import autoprecision, checkpoint, feeding, preflight, runguard, verify as verifying
 from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
 from fastcore.engine.precision import Precision, resolve
 from fastcore.engine.step import MODES, Engine, StepContext, Update, per_example_values
-from fastcore.errors import Interrupted, NonFiniteError, PreflightError, UsageError
+from fastcore.errors import Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
 from fastcore.observe import flops, tensorboard
 from fastcore.observe.progress import Progress
 
@@ -75,11 +75,16 @@ class Trainer:
         dividing the epoch).
       seed: for fastcore's data order, `ctx.seed()` and the weights of factory-built models.
       preflight: compare compiled and eager on the first batch before training (default True).
+      strategy: a tf.distribute.Strategy (default None: one device, the path without any distribution
+        code). fastcore builds the models from their factories and re-creates each Keras optimizer from
+        its config under `strategy.scope()` (an optimizer made outside the scope trains each replica
+        apart, silently); each replica takes its slice of the global batch; `verify` becomes the
+        distributed twin. See fastcore.distribute and fastcore.engine.distributed.
     """
 
     def __init__(self, model, optimizer, loss=None, *, metrics=None, step: Callable | None = None,
                  eval_step: Callable | None = None, precision: str = "float32", mode: str = "xla",
-                 steps_per_call: int | None = None, seed: int = 0, preflight: bool = True):
+                 steps_per_call: int | None = None, seed: int = 0, preflight: bool = True, strategy=None):
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if (loss is None) == (step is None):
@@ -95,6 +100,9 @@ class Trainer:
         if loss is not None and len(self.model_specs) != 1:
             raise UsageError("loss= trains one model; with several models, write a step function (step=)")
         self.loss, self.metrics = loss, _named_metrics(metrics)
+        self.strategy = strategy
+        if strategy is not None:
+            _check_distributable(strategy, self.model_specs, self.optimizer_specs, mode)
         self.step_fn, self.eval_fn = step, eval_step
         self.precision_name, self.mode, self.steps_per_call = precision, mode, steps_per_call
         self.seed, self.run_preflight = seed, preflight
@@ -114,19 +122,25 @@ class Trainer:
     def models(self) -> dict:
         """The trained models by name (built on first use when given as factories)."""
         if self._built_models is None:
-            self._built_models = self._build_models(self.precision or Precision("float32", "default"))
+            self._built_models = self._build_models(self.precision or Precision("float32", "default"),
+                                                    distributed=True)
         return self._built_models
 
-    def _build_models(self, precision: Precision) -> dict:
+    def _scope(self, distributed: bool):
+        """The strategy's scope for the run's own variables; none for single-device twins and timing."""
+        return self.strategy.scope() if distributed and self.strategy is not None else contextlib.nullcontext()
+
+    def _build_models(self, precision: Precision, distributed: bool = False) -> dict:
         built = {}
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(precision.policy)
         try:
-            keras.utils.set_random_seed(self.seed)
-            for name, spec in self.model_specs.items():
-                built[name] = spec() if _is_factory(spec) else spec
-            if len(built) == 1 and isinstance(next(iter(built.values())), Mapping):
-                built = dict(next(iter(built.values())))   # one factory that builds several named models
+            with self._scope(distributed):
+                keras.utils.set_random_seed(self.seed)
+                for name, spec in self.model_specs.items():
+                    built[name] = spec() if _is_factory(spec) else spec
+                if len(built) == 1 and isinstance(next(iter(built.values())), Mapping):
+                    built = dict(next(iter(built.values())))   # one factory that builds several named models
         finally:
             keras.config.set_dtype_policy(previous)
         for name, m in built.items():
@@ -138,9 +152,15 @@ class Trainer:
                                  f"example batch, or give keras.Input) before training")
         return built
 
-    def _optimizers(self, precision: Precision, fresh: bool = False) -> dict:
+    def _optimizers(self, precision: Precision, fresh: bool = False, distributed: bool = False) -> dict:
         out = {}
+        distributed = distributed and self.strategy is not None
         for name, opt in self.optimizer_specs.items():
+            if distributed:   # its variables must be created under the strategy's scope
+                with self.strategy.scope():
+                    opt = _clone_optimizer(opt)
+                    out[name] = keras.optimizers.LossScaleOptimizer(opt) if precision.loss_scaling else opt
+                continue
             opt = _clone_optimizer(opt) if fresh else opt
             if precision.loss_scaling and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
                 if not isinstance(opt, keras.optimizers.Optimizer):
@@ -150,13 +170,18 @@ class Trainer:
             out[name] = opt
         return out
 
-    def _make_engine(self, precision: Precision, mode: str, batch_size: int, models: dict, optimizers: dict) -> Engine:
+    def _make_engine(self, precision: Precision, mode: str, batch_size: int, models: dict, optimizers: dict,
+                     distributed: bool = False) -> Engine:
         step_fn, eval_fn = self.step_fn, self.eval_fn
         if self.loss is not None:
             model = next(iter(models.values()))
             step_fn, eval_fn = loss_step(model, self.loss), loss_eval(model, self.loss, self.metrics)
-        return Engine(models, optimizers, step_fn, eval_fn=eval_fn, mode=mode, global_batch_size=batch_size,
-                      seed=self.seed, loss_scaling=precision.loss_scaling)
+        settings = dict(eval_fn=eval_fn, mode=mode, global_batch_size=batch_size, seed=self.seed,
+                        loss_scaling=precision.loss_scaling)
+        if distributed and self.strategy is not None:
+            from fastcore.engine.distributed import DistributedEngine
+            return DistributedEngine(self.strategy, models, optimizers, step_fn, **settings)
+        return Engine(models, optimizers, step_fn, **settings)
 
     def _resolve_precision(self, feed: feeding.Feed) -> Precision:
         proposal = resolve(self.precision_name, xla=self.mode == "xla")
@@ -209,7 +234,7 @@ class Trainer:
                                  f"model) and fastcore builds it so")
         models = self.models
         self.engine = self._make_engine(self.precision, self.mode, feed.batch_size, models,
-                                        self._optimizers(self.precision))
+                                        self._optimizers(self.precision, distributed=True), distributed=True)
         return self.engine
 
     # -- public calls --------------------------------------------------------------------------------
@@ -237,7 +262,8 @@ class Trainer:
         scaler, which has no such switch, so there the pre-flight runs alone."""
         engine = self.engine
         batch = tf.nest.map_structure(lambda t: t[0], first_call) if self._k > 1 else first_call
-        warm_up = None if engine.loss_scaling else (lambda: self._compile_training_call(first_call))
+        overlap = not engine.loss_scaling and self.strategy is None   # strategy.run's replica threads stay alone
+        warm_up = (lambda: self._compile_training_call(first_call)) if overlap else None
         report = preflight.check(engine, batch, self.precision.name, warm_up)
         if self.warm_up_seconds:   # the training compile it overlapped would have happened anyway
             report.extra_seconds = max(report.seconds - self.warm_up_seconds, 0.0)
@@ -262,7 +288,9 @@ class Trainer:
                steps_per_epoch: int | None = None) -> verifying.Report:
         """Run `steps` steps compiled and `steps` eagerly from one state on the same batches and compare
         every variable (the eager reference twin). The state is put back afterwards; nothing is trained.
-        bfloat16/float16 are judged against a float32 eager reference (needs model factories)."""
+        bfloat16/float16 are judged against a float32 eager reference (needs model factories).
+        Under a strategy, the distributed twin instead: `steps` steps distributed and `steps` on one
+        device from the same state on the same global batches, and every replica (worker) against replica 0."""
         if steps <= 0:
             raise UsageError(f"verify steps={steps} must be positive")
         feed = self.feed(x, y, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
@@ -271,6 +299,10 @@ class Trainer:
             raise UsageError("verify compares the compiled step with the eager one: use mode='xla' or 'graph'")
         self._k = self._steps_per_call(feed)
         batches = list(feed.dataset.take(math.ceil(steps / self._k)))
+        if self.strategy is not None:   # the distributed twin: the same steps on one device
+            single = self._make_engine(self.precision, self.mode, feed.batch_size, self._build_models(self.precision),
+                                       self._optimizers(self.precision, fresh=True))
+            return verifying.verify_distributed(engine, single, batches, self.precision, self._k > 1)
         reference = None
         if self.precision.name != "float32":
             if not self.factories:
@@ -305,6 +337,9 @@ class Trainer:
         CheckpointMismatch, Interrupted; all with one-line messages.
         """
         out = out or sys.stdout
+        chief = distribute.is_chief(self.strategy)
+        if not chief:   # a multi-worker run's other workers train alongside and write nothing of their own
+            run_dir, verbose, callbacks = None, False, ()
         self.warm_up_seconds = None
         feed = self.feed(x, y, batch_size=batch_size, steps_per_epoch=steps_per_epoch, source=train_source)
         self._k = k = self._steps_per_call(feed)
@@ -319,6 +354,9 @@ class Trainer:
             atomic.check_writable(name, folder)
         if self.loss is not None:
             _unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
+        if not chief and checkpoint_dir is None:
+            raise UsageError("a multi-worker run needs checkpoint_dir on every worker (the chief's folder, on storage "
+                             "all workers can read) to resume")
         checkpoint_dir = checkpoint_dir or (os.path.join(run_dir, "checkpoints") if run_dir else None)
         engine = self.build(feed, resume_from=checkpoint_dir if resume else None)
         if validation_data is not None:
@@ -338,12 +376,14 @@ class Trainer:
                    "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
                    "batch_size": feed.batch_size, "steps_per_call": k, "epochs": total / feed.steps_per_epoch,
                    "train_data": feed.source}
+        if self.strategy is not None:
+            summary["strategy"] = engine.placement
         say = (lambda line: print(line, file=out, flush=True)) if verbose else (lambda line: None)
         with contextlib.ExitStack() as guards:
-            for folder, what in ((run_dir, "run directory"), (checkpoint_dir, "checkpoint directory")):
+            for folder, what in ((run_dir, "run directory"), (checkpoint_dir if chief else None, "checkpoint directory")):
                 if folder and not _inside(folder, run_dir if what != "run directory" else None):
                     guards.enter_context(runguard.RunLock(folder, what))
-            if checkpoint_dir and not resume and checkpoint.on_disk(checkpoint_dir):
+            if chief and checkpoint_dir and not resume and checkpoint.on_disk(checkpoint_dir):
                 raise UsageError(f"{checkpoint_dir!r} already holds checkpoints (newest "
                                  f"{os.path.basename(checkpoint.on_disk(checkpoint_dir)[0])}): continue that run with "
                                  f"--resume (resume=True), or choose another --run-name / run_dir")
@@ -369,6 +409,10 @@ class Trainer:
                 summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
                 self._write_summary(run_dir, summary, say)
                 raise NonFiniteError(e.step, last, summary) from None
+            except tf.errors.OpError as e:
+                if self.strategy is None or not isinstance(e, distribute.PEER_FAULTS):
+                    raise
+                raise PeerLost(distribute.first_line(e), loop.steps_done, checkpoints.latest if checkpoints else None) from None
             except StopRequested:
                 if checkpoints:
                     checkpoints.on_train_end(loop)
@@ -398,7 +442,8 @@ class Trainer:
                     f"hold the models, optimizers and step counter, and a resumed run restarts the data from "
                     f"its beginning")
             checkpoints = checkpoint.Checkpoints(checkpoint_dir, checkpoint_every or feed.steps_per_epoch, resume,
-                                                 self.precision.name, identity, with_data=unsaveable is None, say=say)
+                                                 self.precision.name, identity, with_data=unsaveable is None, say=say,
+                                                 writer=distribute.is_chief(self.strategy))
             callbacks.append(checkpoints)
         loop.callbacks = [*callbacks, *extra_callbacks]
         return loop, checkpoints, observer
@@ -574,6 +619,22 @@ def _named_metrics(metrics) -> dict:
             raise UsageError(f"metric {fn!r} is not callable: give (y_true, y_pred) -> per-example values")
         out[getattr(fn, "__name__", None) or getattr(fn, "name", None) or f"metric_{len(out)}"] = fn
     return out
+
+
+def _check_distributable(strategy, model_specs: dict, optimizer_specs: dict, mode: str) -> None:
+    """What a strategy needs, refused up front in one line each."""
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise UsageError(f"strategy={type(strategy).__name__}: give a tf.distribute.Strategy (or None for one device)")
+    if not all(_is_factory(m) for m in model_specs.values()):
+        raise UsageError("under a strategy, pass each model as a factory (a function returning it): its variables "
+                         "must be created under strategy.scope(), so fastcore builds it there")
+    for name, opt in optimizer_specs.items():
+        if not isinstance(getattr(opt, "inner_optimizer", opt), keras.optimizers.Optimizer):
+            raise UsageError(f"under a strategy, optimizer {name!r} must be a Keras optimizer: its apply_gradients "
+                             f"all-reduces the replicas' gradients ({type(opt).__name__} would update each replica "
+                             f"apart, silently)")
+    if mode == "eager":
+        raise UsageError("mode='eager' is the single-device reference twin: under a strategy use 'xla' or 'graph'")
 
 
 def _clone_optimizer(opt):

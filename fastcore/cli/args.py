@@ -14,7 +14,12 @@ examples:
 
 Local data: --data-dir or $FASTCORE_DATA_DIR names a folder holding mnist/, fashion-mnist/ and
 higgs/ (IDX .gz files; a UCI-layout HIGGS.csv.gz), or one such folder itself.
+Several devices or machines (tf.distribute; the distributed twin is --verify N):
+  python -m fastcore.train --dataset higgs --data-dir ../shared/data --strategy mirrored --devices 2 --verify 20
+  python -m fastcore.launch --workers 2 -- --dataset higgs --data-dir ../shared/data --verify 20
+
 Exit codes: 0 done, 1 --verify or the pre-flight check failed, 2 bad input, 3 NaN/Inf stopped the run,
+4 a worker was lost or did not join within --peer-timeout (continue with --resume),
 130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved; continue with --resume), 70 internal error.
 """
 
@@ -84,4 +89,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="turn on TensorFlow op determinism: a resumed run then ends bit-identical to an "
                    "uninterrupted one")
+    p.add_argument("--strategy", choices=("none", "mirrored", "multi-worker"), default="none",
+                   help="tf.distribute strategy: none (one device), mirrored (the devices of this machine: its "
+                   "GPUs, or --devices N logical CPU devices), multi-worker (the workers of $TF_CONFIG; "
+                   "python -m fastcore.launch starts them locally) (default: %(default)s)")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="devices per worker for --strategy mirrored / multi-worker: the first N GPUs, or the CPU "
+                   "split into N logical devices where there is no GPU (for testing: they share the cores)")
+    p.add_argument("--peer-timeout", type=float, default=120.0, metavar="S",
+                   help="multi-worker: seconds to wait for every worker to join, and for any one collective, "
+                   "before the run stops with exit 4 (default: %(default)s)")
     return p

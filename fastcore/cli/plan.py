@@ -44,6 +44,9 @@ class RunConfig:
     profile_steps: str | None = None    # "A:B": profiler trace of steps A..B (from 1), see fastcore.profiling
     summary_every: int | None = None    # compiled calls between TensorBoard scalar writes (default 1)
     preflight: bool = True              # compare compiled and eager on the first batch before training
+    strategy: str = "none"              # none | mirrored | multi-worker (fastcore.distribute)
+    devices: int | None = None          # devices per worker (logical CPU devices where there is no GPU)
+    peer_timeout: float = 120.0         # multi-worker: seconds to wait for a peer
 
 
 @dataclasses.dataclass
@@ -75,11 +78,13 @@ class Plan:
 
 
 def default_run_name(config: RunConfig) -> str:
-    return f"{config.task}-{config.model_api}-{config.mode}-{config.precision}-seed{config.seed}"
+    spread = "" if config.strategy == "none" else f"-{config.strategy}{config.devices or ''}"
+    return f"{config.task}-{config.model_api}-{config.mode}-{config.precision}{spread}-seed{config.seed}"
 
 
-def plan(config: RunConfig) -> Plan:
-    """Check the flags, load the data, make and build the Trainer; raises UsageError or DataError."""
+def plan(config: RunConfig, strategy=None) -> Plan:
+    """Check the flags, load the data, make and build the Trainer; raises UsageError or DataError.
+    `strategy`: the tf.distribute strategy for `config.strategy` (made first: devices are set before any op)."""
     if config.task not in tasks.TASKS:
         raise UsageError(f"unknown task {config.task!r}: choose one of {', '.join(tasks.TASKS)}")
     task = tasks.TASKS[config.task]
@@ -117,7 +122,8 @@ def plan(config: RunConfig) -> Plan:
     learning_rate = config.learning_rate or task.learning_rate
     trainer = tasks.trainer_for(task, model_api=config.model_api, reg=Regularization(config.l2, config.dropout),
                                 learning_rate=learning_rate, precision=config.precision, mode=config.mode,
-                                steps_per_call=steps_per_call, seed=config.seed, preflight=config.preflight)
+                                steps_per_call=steps_per_call, seed=config.seed, preflight=config.preflight,
+                                strategy=strategy)
     feed = trainer.feed(train, batch_size=batch_size)
     p = Plan(config, task, train, evaluation, batch_size, learning_rate, steps_per_epoch, steps_per_call,
              total_steps, trainer, feed)
@@ -143,6 +149,8 @@ def _check_positive(config: RunConfig) -> None:
             raise UsageError(f"{flag} {value} must be positive")
     if config.verify < 0:
         raise UsageError(f"--verify {config.verify} must be a number of steps >= 0")
+    if config.peer_timeout is not None and not (math.isfinite(config.peer_timeout) and config.peer_timeout > 0):
+        raise UsageError(f"--peer-timeout {config.peer_timeout} must be a positive number of seconds")
 
 
 def eval_batch_size(p: Plan) -> int:

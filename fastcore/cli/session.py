@@ -1,7 +1,7 @@
 """One CLI run, start to finish: plan, optional verify, Trainer.fit, summary.json, exit code.
 
 Exit codes, one meaning each: 0 done, 1 verify or pre-flight disagreement, 2 bad input, 3 non-finite,
-130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved), 70 an internal error (one line on stderr
+4 a multi-worker peer was lost or did not join (fastcore.distribute), 130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved), 70 an internal error (one line on stderr
 naming the file that holds the traceback).
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pipelines
 
 from fastcore import atomic
 from fastcore.cli import plan as planning, quiet
-from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PreflightError, UsageError
+from fastcore import distribute
+from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
 
 EXIT_INTERNAL = 70   # EX_SOFTWARE
 from fastcore.observe import tensorboard
@@ -49,7 +50,8 @@ def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
             "epochs": p.total_steps / p.steps_per_epoch, "train_data": p.train.source, "eval_data": p.eval.source}
     if c.verify:
         report = trainer.verify(p.feed, steps=c.verify)
-        print("\n".join(report.lines()), file=out, flush=True)
+        lines = report.lines()
+        print("\n".join(lines if distribute.is_chief(trainer.strategy) else lines[:1] + lines[-1:]), file=out, flush=True)
         head["verify"] = report.to_json()
         if not report.passed:
             return head, None
@@ -78,13 +80,18 @@ def _main(args: argparse.Namespace) -> int:
     quiet.silence_python_logs()
     config = config_from_args(args)
     try:
-        p = planning.plan(config)
+        # The strategy first: logical devices must be set before TensorFlow runs any op.
+        strategy = distribute.strategy(config.strategy, config.devices, config.peer_timeout)
+        p = planning.plan(config, strategy)
     except (UsageError, pipelines.DataError) as e:
         print(f"fastcore-train: error: {e}", file=sys.stderr)
         return 2
+    chief = distribute.is_chief(strategy)
     print(f"{p.task.name}: {len(p.train.x):,} train ({p.train.source}), {len(p.eval.x):,} eval ({p.eval.source}); "
           f"{config.model_api}, {config.mode}, {p.precision.name} ({p.precision.reason}), "
           f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
+    if strategy is not None:
+        print(f"distributed: {p.trainer.engine.placement}", flush=True)
     path = os.path.join(p.run_dir, "summary.json")
     if config.resume and not _has_checkpoint(p.checkpoint_dir):
         print(f"--resume: no checkpoint in {p.checkpoint_dir!r} yet; starting from step 0", flush=True)
@@ -102,10 +109,20 @@ def _main(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"fastcore-train: {e}", file=sys.stderr)
         return e.exit_code
+    except PeerLost as e:
+        print(f"fastcore-train: stopped: {e}", file=sys.stderr)
+        return distribute.EXIT_PEER_LOST
+    except distribute.PEER_FAULTS as e:   # outside training (verify, evaluation): no step to name
+        print(f"fastcore-train: stopped: a worker was lost ({distribute.first_line(e)})", file=sys.stderr)
+        return distribute.EXIT_PEER_LOST
     if "verify" in summary and not summary["verify"]["passed"]:
-        atomic.write_json(path, summary)
+        if chief:
+            atomic.write_json(path, summary)
         print(f"verify failed; nothing trained. Details: {path}", file=sys.stderr)
         return 1
+    if not chief:   # the chief reports the run; a worker says it finished
+        print(f"worker done: {summary.get('steps')} steps, train_loss {summary.get('train_loss')}", flush=True)
+        return 0
     if summary.get("resumed_from"):
         print(f"resumed from {summary['resumed_from']}", flush=True)
     if summary.get("skipped_steps"):

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -119,16 +120,19 @@ class Checkpoints(Callback):
 
     `with_data=False` leaves the data iterator out (a pipeline whose position cannot be saved): a resumed
     run then restarts its data from the beginning. `say` prints a one-line note (damage, a failed save).
+    `writer=False` (a multi-worker run's non-chief workers): saves go to a temp folder removed after each
+    save, as tf.distribute asks every worker to save; restores read `directory` (the chief's).
     """
 
     def __init__(self, directory: str, every_steps: int, resume: bool, precision: str, identity: dict,
-                 keep: int = 3, with_data: bool = True, say=print):
+                 keep: int = 3, with_data: bool = True, say=print, writer: bool = True):
         self.directory, self.every_steps, self.resume, self.keep = directory, every_steps, resume, keep
         self.precision, self.identity, self.with_data, self.say = precision, identity, with_data, say
         self.restored_from: str | None = None
         self.restored_step: int | None = None
         self.previous_history: list[dict] = []
         self.failed_saves: list[str] = []
+        self.writer = writer
 
     def attach(self, loop) -> None:
         engine = loop.engine
@@ -144,10 +148,14 @@ class Checkpoints(Callback):
             steps=engine.steps, applied=engine.applied, precision=tf.Variable(self.precision, trainable=False),
             identity=tf.Variable(json.dumps(self.identity, sort_keys=True), trainable=False),
             history=self.history_variable, **parts)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.keep)
+        target = self.directory if self.writer else tempfile.mkdtemp(prefix="fastcore-worker-checkpoint-")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, target, max_to_keep=self.keep)
 
     @property
     def latest(self) -> str | None:
+        if not self.writer:
+            newest = on_disk(self.directory)
+            return newest[0] if newest else None
         return self.manager.latest_checkpoint
 
     def on_train_begin(self, loop) -> None:
@@ -211,6 +219,8 @@ class Checkpoints(Callback):
             return
         self.history_variable.assign(json.dumps(self.previous_history + loop.history))
         try:
+            if not self.writer:
+                os.makedirs(self.manager.directory, exist_ok=True)
             self.manager.save(checkpoint_number=loop.steps_done)
         except (tf.errors.OpError, OSError) as e:
             folder = glob.escape(self.directory)
@@ -221,6 +231,8 @@ class Checkpoints(Callback):
                     f"{self.latest or 'no earlier checkpoint'} stays the latest")
             self.failed_saves.append(line)
             self.say(line)
+        if not self.writer:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
         self.saved_at = loop.steps_done
 
 

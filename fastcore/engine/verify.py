@@ -16,6 +16,7 @@ import tensorflow as tf
 from fastcore.engine.precision import Precision
 
 FLOAT32_RTOL = 1e-4       # measured here: ~1e-6 after 20 HIGGS steps; 100x headroom
+DISTRIBUTED_RTOL = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-3}   # distributed vs one device
 LOW_PRECISION_SLACK = 2.0  # compiled may be up to 2x further from the reference than eager...
 LOW_PRECISION_FLOOR = {"bfloat16": 5e-2, "float16": 5e-3}  # ...or within this, whichever is larger
 
@@ -36,6 +37,7 @@ class Report:
     compiled_vs_eager: list[Difference]
     compiled_vs_reference: list[Difference] | None = None
     eager_vs_reference: list[Difference] | None = None
+    replica_spread: float | None = None   # distributed twin: max |replica r - replica 0| over every weight
 
     def to_json(self) -> dict:
         out = {"precision": self.precision, "steps": self.steps, "passed": self.passed, "verdict": self.verdict,
@@ -43,13 +45,18 @@ class Report:
         if self.compiled_vs_reference is not None:
             out["compiled_vs_reference"] = [dataclasses.asdict(d) for d in self.compiled_vs_reference]
             out["eager_vs_reference"] = [dataclasses.asdict(d) for d in self.eager_vs_reference]
+        if self.replica_spread is not None:
+            out = {"kind": "distributed vs one device", **out, "replica_spread": self.replica_spread}
+            out["distributed_vs_single"] = out.pop("compiled_vs_eager")
         return out
 
     def lines(self) -> list[str]:
         """A per-variable table and the verdict, for the terminal."""
-        rows = [f"verify ({self.precision}, {self.steps} steps): {'PASS' if self.passed else 'FAIL'}"]
+        kind = "distributed vs one device, " if self.replica_spread is not None else ""
+        rows = [f"verify ({kind}{self.precision}, {self.steps} steps): {'PASS' if self.passed else 'FAIL'}"]
         if self.compiled_vs_reference is None:
-            rows.append(f"  {'variable':<32} {'max abs diff':>13} {'max rel diff':>13}  (tolerance rel {FLOAT32_RTOL:g})")
+            tolerance = DISTRIBUTED_RTOL[self.precision] if self.replica_spread is not None else FLOAT32_RTOL
+            rows.append(f"  {'variable':<32} {'max abs diff':>13} {'max rel diff':>13}  (tolerance rel {tolerance:g})")
             rows += [f"  {d.name:<32} {d.max_abs:>13.3e} {d.max_rel:>13.3e}" for d in self.compiled_vs_eager]
         else:
             rows.append(f"  {'variable':<32} {'compiled-ref':>13} {'eager-ref':>13} {'compiled-eager':>15}  (max rel diff)")
@@ -158,3 +165,28 @@ def verify(engine, batches: list, precision: Precision, stacked: bool, reference
                ("the compiled run is as close to float32 as the eager run" if passed else
                 f"the compiled run drifts more than {LOW_PRECISION_SLACK:g}x the eager run's distance and over {floor:g}"))
     return Report(precision.name, steps, passed, verdict, compiled_vs_eager, c_ref, e_ref)
+
+
+def verify_distributed(engine, single, batches: list, precision: Precision, stacked: bool) -> Report:
+    """The distributed twin: `engine` (a DistributedEngine) and `single` (the same step on one device, same
+    precision and mode) run the same global batches from one state; every weight is compared, and every
+    replica's (worker's) copy against replica 0's. The distributed engine's state is put back afterwards."""
+    steps = sum(int(tf.nest.flatten(b)[0].shape[0]) if stacked else 1 for b in batches)
+    state = SavedState(engine)
+    copy_state(engine, single)
+    distributed = snapshot(engine, run_steps(engine, batches, stacked, compiled=True))
+    spread = engine.replica_spread()
+    state.restore()
+    one_device = snapshot(single, run_steps(single, batches, stacked, compiled=True))
+    differences = compare(distributed, one_device)
+    worst = max(differences, key=lambda d: d.max_rel)
+    tolerance = DISTRIBUTED_RTOL[precision.name]
+    passed = worst.max_rel <= tolerance and spread == 0.0
+    verdict = (f"{engine.replicas} replicas and one device {'agree' if worst.max_rel <= tolerance else 'disagree'}: "
+               f"worst relative difference {worst.max_rel:.2e} ({worst.name}) "
+               f"{'<=' if worst.max_rel <= tolerance else '>'} {tolerance:g}; replicas "
+               + ("identical (spread 0.0)" if spread == 0.0 else f"DIFFER from replica 0 by up to {spread:.3e}"))
+    if not passed:
+        verdict += ("; check that each loss is summed and divided by ctx.global_batch_size (not averaged per "
+                    "replica), and that random layers are off or drawn per replica on purpose")
+    return Report(precision.name, steps, passed, verdict, differences, replica_spread=spread)

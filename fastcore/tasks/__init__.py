@@ -60,7 +60,7 @@ def model_factory(task: Task, model_api: str, reg: Regularization, seed: int):
 
 def trainer_for(task: Task, *, model_api: str = "keras-functional", reg: Regularization = Regularization(),
                 learning_rate: float | None = None, precision: str = "float32", mode: str = "xla",
-                steps_per_call: int | None = None, seed: int = 0, preflight: bool = True):
+                steps_per_call: int | None = None, seed: int = 0, preflight: bool = True, strategy=None):
     """A fastcore.Trainer for `task`, made with the public API only."""
     from fastcore.tasks import objectives
     from fastcore.trainer import Trainer
@@ -69,4 +69,5 @@ def trainer_for(task: Task, *, model_api: str = "keras-functional", reg: Regular
                    make_optimizer(task.optimizer, learning_rate or task.learning_rate),
                    loss=objectives.per_example_loss(task.loss, keras_free),
                    metrics={task.metric: objectives.per_example_metric(task.metric)},
-                   precision=precision, mode=mode, steps_per_call=steps_per_call, seed=seed, preflight=preflight)
+                   precision=precision, mode=mode, steps_per_call=steps_per_call, seed=seed, preflight=preflight,
+                   strategy=strategy)

@@ -1,0 +1,164 @@
+"""Making a tf.distribute strategy for `Trainer(strategy=...)`: devices, TF_CONFIG, timeouts, the chief.
+
+    fastcore.distribute.use_devices(2)                    # before any TensorFlow op: 2 logical CPUs, or 2 GPUs
+    strategy = fastcore.distribute.strategy("mirrored")   # or "multi-worker" (reads TF_CONFIG)
+    trainer = fastcore.Trainer(model_factory, keras.optimizers.Adam(1e-3), loss=..., strategy=strategy)
+
+Any tf.distribute.Strategy you make yourself works too; these helpers add the checks a run needs to fail
+in one line instead of hanging: a worker whose peer never starts blocks inside TensorFlow's
+constructor and ignores SIGTERM (measured), so `strategy("multi-worker")` ends the process after
+`peer_timeout` seconds with one line; collectives time out after the same bound.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+
+from fastcore.errors import UsageError
+
+KINDS = ("none", "mirrored", "multi-worker")
+PEER_TIMEOUT = 120.0   # seconds to wait for every worker to join, and for any one collective
+EXIT_PEER_LOST = 4
+
+
+def _peer_faults() -> tuple:
+    import tensorflow as tf
+    # What a collective raises when a peer dies (measured: "Collective ops is aborted" within ~1 s) or stops
+    # answering (the collective timeout).
+    return (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError,
+            tf.errors.AbortedError, tf.errors.InternalError)
+
+
+def __getattr__(name: str):
+    if name == "PEER_FAULTS":   # lazily: this module is imported before TensorFlow is needed
+        return _peer_faults()
+    raise AttributeError(name)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a TensorFlow error's message (its own text, without the op's traceback)."""
+    text = (getattr(e, "message", None) or str(e)).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def use_devices(count: int) -> list[str]:
+    """Make `count` devices visible for MirroredStrategy: the first `count` GPUs when there are GPUs, else
+    the CPU split into `count` logical devices (for testing: they share the CPU's cores). Must run before
+    TensorFlow executes any op. Returns the device names."""
+    import tensorflow as tf
+    if count < 1:
+        raise UsageError(f"--devices {count} must be at least 1")
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if count > len(gpus):
+            raise UsageError(f"--devices {count}: this machine has {len(gpus)} GPU(s)")
+        return [f"/gpu:{i}" for i in range(count)]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise UsageError(f"--devices {count}: TensorFlow already started with "
+                             f"{len(tf.config.list_logical_devices('CPU'))} CPU device(s); call "
+                             f"fastcore.distribute.use_devices before any TensorFlow op") from None
+    return [f"/cpu:{i}" for i in range(count)]
+
+
+def cluster() -> dict:
+    """TF_CONFIG, checked: a cluster of `worker` addresses and this process's task index among them."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UsageError("--strategy multi-worker needs TF_CONFIG (the cluster's worker addresses and this worker's "
+                         "index): start the workers with python -m fastcore.launch, or set it as README shows")
+    try:
+        config = json.loads(raw)
+        workers = list(config["cluster"]["worker"])
+        index = int(config["task"]["index"])
+        kind = config["task"].get("type", "worker")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"TF_CONFIG is not a cluster spec ({type(e).__name__}: {e}): expected "
+                         '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}') from None
+    if kind != "worker" or not 0 <= index < len(workers):
+        raise UsageError(f"TF_CONFIG task {kind!r} index {index}: must be a worker index below {len(workers)}")
+    return {"workers": workers, "index": index}
+
+
+def check_port_free(address: str) -> None:
+    """This worker's own host:port must be free to listen on (else TensorFlow aborts the process)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host.strip("[]") if host not in ("", "localhost") else "127.0.0.1", int(port)))
+    except OSError as e:
+        raise UsageError(f"this worker's address {address} (TF_CONFIG) cannot be listened on: {e.strerror or e}; "
+                         f"is another process using port {port}?") from None
+    except ValueError:
+        raise UsageError(f"TF_CONFIG address {address!r} is not host:port") from None
+
+
+def strategy(kind: str, devices: int | None = None, peer_timeout: float = PEER_TIMEOUT):
+    """A strategy by name: "none" (None: one device), "mirrored" (all visible GPUs, or `devices` of
+    them / of the CPU split by use_devices), "multi-worker" (the workers of TF_CONFIG)."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown strategy {kind!r}: choose one of {', '.join(KINDS)}")
+    if kind == "none":
+        if devices not in (None, 1):
+            raise UsageError(f"--devices {devices} needs --strategy mirrored (one device is used without one)")
+        return None
+    import tensorflow as tf
+    if kind == "mirrored":
+        names = use_devices(devices) if devices else _all_devices()
+        if len(names) < 2 and not devices:
+            raise UsageError("--strategy mirrored: this machine has one device (no GPU); give --devices N to split "
+                             "the CPU into N logical devices (for testing: they share the cores)")
+        return tf.distribute.MirroredStrategy(names)
+    spec = cluster()
+    check_port_free(spec["workers"][spec["index"]])
+    if devices:
+        use_devices(devices)
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=peer_timeout)
+    with _deadline(peer_timeout, f"not every worker of TF_CONFIG ({', '.join(spec['workers'])}) joined within "
+                                 f"{peer_timeout:g} s"):
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files (TensorBoard, summary.json, checkpoints): always
+    without a strategy or on one machine; worker 0 of a multi-worker cluster."""
+    if strategy is None:
+        return True
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+def _all_devices() -> list[str]:
+    import tensorflow as tf
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+class _deadline:
+    """Ends the process with one line (exit 4) when the block has not finished within `seconds`:
+    TensorFlow's multi-worker constructor waits for its peers forever and ignores SIGTERM."""
+
+    def __init__(self, seconds: float, message: str):
+        self.seconds, self.message = seconds, message
+        self.timer: threading.Timer | None = None
+
+    def _expire(self) -> None:
+        print(f"fastcore-train: error: {self.message}; is every worker started with the same TF_CONFIG "
+              f"cluster? (the timeout is --peer-timeout)", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
+
+    def __enter__(self):
+        self.timer = threading.Timer(self.seconds, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        return False
