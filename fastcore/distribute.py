@@ -39,9 +39,16 @@ def __getattr__(name: str):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of a TensorFlow error's message (its own text, without the op's traceback)."""
-    text = (getattr(e, "message", None) or str(e)).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+    """The line of a TensorFlow error that says what happened, e.g. "Collective ops is aborted by: ... The
+    following tasks are unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1", without
+    the "Graph execution error" header and the Python frames TensorFlow puts first."""
+    lines = [line.strip() for line in (getattr(e, "message", None) or str(e)).splitlines()]
+    said = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at node", "File ",
+                                                                   "[[", "The error could be", "The tasks have"))]
+    if not said:
+        return type(e).__name__
+    text = said[0] + (f" {said[1]}" if said[0].endswith(":") and len(said) > 1 else "")
+    return text[:200]
 
 
 def use_devices(count: int) -> list[str]:

@@ -33,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
                       "--verify 20")
     p.add_argument("--workers", type=int, required=True, metavar="N", help="number of worker processes (>= 1)")
     p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT, metavar="S",
-                   help="after a worker fails (or a SIGINT/SIGTERM here), seconds the others get to stop on "
-                   "SIGTERM before SIGKILL (default: %(default)s)")
+                   help="after a worker fails (or a SIGINT/SIGTERM here), seconds the others get to end by "
+                   "themselves, then as long again after SIGTERM before SIGKILL (default: %(default)s)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS",
                    help="arguments for python -m fastcore.train, after --")
     return p
@@ -59,6 +59,15 @@ def tf_config(ports: list[int], index: int) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL if the launcher itself is killed (no orphan holding a port)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _stream(pipe, prefix: str, sink) -> None:
     for line in iter(pipe.readline, ""):
         sink.write(f"{prefix}{line}")
@@ -79,7 +88,7 @@ class Workers:
         for index in range(count):
             env = {**os.environ, "TF_CONFIG": tf_config(ports, index)}
             proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    bufsize=1, start_new_session=True)
+                                    bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
             self.procs.append(proc)
             for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
                 thread = threading.Thread(target=_stream, args=(pipe, f"[worker {index}] ", sink), daemon=True)
@@ -96,15 +105,20 @@ class Workers:
     def running(self) -> bool:
         return any(p.poll() is None for p in self.procs)
 
-    def stop(self, timeout: float) -> None:
-        """SIGTERM to every worker still running, SIGKILL to any left after `timeout` seconds."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in self.procs:
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        pass
+    def stop(self, timeout: float, forward: int | None = None) -> None:
+        """Stop every worker still running, bounded: a signal the launcher received is forwarded at once (the
+        workers checkpoint and stop); after a worker's failure the others first get `timeout` seconds to end
+        by themselves (a peer's loss reaches them within about a second; they exit with their own line and
+        code). Then SIGTERM, and SIGKILL `timeout` seconds later."""
+        signals = [forward, signal.SIGKILL] if forward else [None, signal.SIGTERM, signal.SIGKILL]
+        for sig in signals:
+            if sig is not None:
+                for proc in self.procs:
+                    if proc.poll() is None:
+                        try:
+                            os.killpg(proc.pid, sig)
+                        except ProcessLookupError:
+                            pass
             deadline = time.monotonic() + timeout
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -145,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     while workers.running():
         failure = workers.first_failure()
         if failure or received:
-            why = (f"worker {failure[0]} ended with {describe(failure[1])}" if failure
-                   else f"{signal.Signals(received[0]).name} received")
+            if failure:
+                why = f"worker {failure[0]} ended with {describe(failure[1])}"
+                plan = f"the others get {args.stop_timeout:g} s to end, then SIGTERM, then SIGKILL"
+            else:
+                why = f"{signal.Signals(received[0]).name} received"
+                plan = f"forwarded to the workers; SIGKILL after {args.stop_timeout:g} s"
             if workers.running():
-                print(f"fastcore-launch: {why}; stopping the other workers (SIGKILL after {args.stop_timeout:g} s)",
-                      file=sys.stderr, flush=True)
-            workers.stop(args.stop_timeout)
+                print(f"fastcore-launch: {why}; {plan}", file=sys.stderr, flush=True)
+            workers.stop(args.stop_timeout, forward=None if failure else received[0])
             break
         time.sleep(0.1)
     workers.stop(args.stop_timeout)

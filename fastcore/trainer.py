@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -397,7 +398,8 @@ class Trainer:
                                                      checkpoint_every, resume, profile_steps, summary_every,
                                                      [*( [Progress(out=out)] if verbose else []), *callbacks],
                                                      run_identity, say)
-            loop.should_stop = lambda: stop.received is not None
+            agree = getattr(engine, "any_worker", lambda flag: flag)
+            loop.should_stop = lambda: agree(stop.received is not None)
             if self.run_preflight and self.mode != "eager" and not (resume and checkpoint.on_disk(checkpoint_dir or "")):
                 report = self.preflight(next(iter(feed.dataset.take(1))))
                 summary["preflight"] = report.to_json()
@@ -417,10 +419,13 @@ class Trainer:
                 if checkpoints:
                     checkpoints.on_train_end(loop)
                 latest = checkpoints.latest if checkpoints else None
-                summary["interrupted"] = {"signal": stop.name, "step": loop.steps_done, "checkpoint": latest}
+                # A worker whose peer got the signal stops at the same call (any_worker), as if it got SIGTERM.
+                name, code = (stop.name, runguard.EXIT_CODES[stop.received]) if stop.received else (
+                    "SIGTERM (on another worker)", runguard.EXIT_CODES[signal.SIGTERM])
+                summary["interrupted"] = {"signal": name, "step": loop.steps_done, "checkpoint": latest}
                 self._report(summary, loop, engine, feed, checkpoints, observer)
                 self._write_summary(run_dir, summary, say)
-                raise Interrupted(stop.name, loop.steps_done, latest, runguard.EXIT_CODES[stop.received], summary) from None
+                raise Interrupted(name, loop.steps_done, latest, code, summary) from None
             self._report(summary, loop, engine, feed, checkpoints, observer)
             self._write_summary(run_dir, summary, say)
         return FitResult(summary["history"], summary, run_dir)
@@ -496,6 +501,8 @@ class Trainer:
         if self.warm_up_seconds and "step_time_ms" in summary:   # the pre-flight's overlap compiled the step
             call = summary["step_time_ms"] * self._k / 1000
             summary["compile_seconds"] = max(self.warm_up_seconds - call, 0.0)
+        if self.strategy is not None:   # measured at the end of every distributed run, not assumed
+            summary["replica_spread"] = engine.replica_spread()
         if checkpoints and checkpoints.failed_saves:
             summary["failed_checkpoint_saves"] = checkpoints.failed_saves
         summary.update(self.flops_per_example(feed))

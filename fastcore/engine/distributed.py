@@ -109,6 +109,17 @@ class DistributedEngine(Engine):
         return tf.function(fn, autograph=False)
 
     # -- agreement -----------------------------------------------------------------------------------
+    def any_worker(self, flag: bool) -> bool:
+        """Whether `flag` holds on any worker (one scalar all-reduce): a SIGTERM that reached one worker
+        stops every worker after the same call, so their checkpoints and collectives stay in step."""
+        if not self._multi_worker:
+            return flag
+        if not hasattr(self, "_sum_of"):
+            self._sum_of = tf.function(lambda v: tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, v), autograph=False)
+        total = self.strategy.run(self._sum_of, args=(tf.constant(1.0 if flag else 0.0),))
+        return float(self.strategy.experimental_local_results(total)[0]) > 0
+
     def replica_spread(self) -> float:
         """The largest difference between any replica's (any worker's) copy of any model variable and
         replica 0's: 0.0 when every replica holds the same weights, measured, not assumed."""
