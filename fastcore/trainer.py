@@ -339,6 +339,8 @@ class Trainer:
         """
         out = out or sys.stdout
         chief = distribute.is_chief(self.strategy)
+        # The chief's checkpoint folder: every worker restores from it (storage all workers can read).
+        checkpoint_dir = checkpoint_dir or (os.path.join(run_dir, "checkpoints") if run_dir else None)
         if not chief:   # a multi-worker run's other workers train alongside and write nothing of their own
             run_dir, verbose, callbacks = None, False, ()
         self.warm_up_seconds = None
@@ -355,10 +357,7 @@ class Trainer:
             atomic.check_writable(name, folder)
         if self.loss is not None:
             _unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
-        if not chief and checkpoint_dir is None:
-            raise UsageError("a multi-worker run needs checkpoint_dir on every worker (the chief's folder, on storage "
-                             "all workers can read) to resume")
-        checkpoint_dir = checkpoint_dir or (os.path.join(run_dir, "checkpoints") if run_dir else None)
+
         engine = self.build(feed, resume_from=checkpoint_dir if resume else None)
         if validation_data is not None:
             if isinstance(validation_data, tuple) and not feeding.is_dataset(validation_data[0]):

@@ -115,9 +115,12 @@ class DistributedEngine(Engine):
         if not self._multi_worker:
             return flag
         if not hasattr(self, "_sum_of"):
-            self._sum_of = tf.function(lambda v: tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, v), autograph=False)
-        total = self.strategy.run(self._sum_of, args=(tf.constant(1.0 if flag else 0.0),))
+            def sum_of(value):
+                def replica(v):
+                    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, v * 1.0)
+                return self.strategy.run(replica, args=(value,))
+            self._sum_of = tf.function(sum_of, autograph=False)
+        total = self._sum_of(tf.constant(1.0 if flag else 0.0))
         return float(self.strategy.experimental_local_results(total)[0]) > 0
 
     def replica_spread(self) -> float:

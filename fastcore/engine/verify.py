@@ -16,7 +16,11 @@ import tensorflow as tf
 from fastcore.engine.precision import Precision
 
 FLOAT32_RTOL = 1e-4       # measured here: ~1e-6 after 20 HIGGS steps; 100x headroom
-DISTRIBUTED_RTOL = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-3}   # distributed vs one device
+DISTRIBUTED_RTOL = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-3}   # distributed vs one device...
+# ...or within this many times the one-device compiled-vs-eager difference. The faults the twin exists for
+# are orders above it: a per-replica mean loss (gradients 2x), an optimizer made outside the scope (6.7e-4
+# after 3 steps, measured), no all-reduce; re-association noise measured 1.1e-5 vs 5.3e-6 (2.1x).
+DISTRIBUTED_SLACK = 4.0
 LOW_PRECISION_SLACK = 2.0  # compiled may be up to 2x further from the reference than eager...
 LOW_PRECISION_FLOOR = {"bfloat16": 5e-2, "float16": 5e-3}  # ...or within this, whichever is larger
 
@@ -170,10 +174,17 @@ def verify(engine, batches: list, precision: Precision, stacked: bool, reference
 def verify_distributed(engine, single, batches: list, precision: Precision, stacked: bool) -> Report:
     """The distributed twin: `engine` (a DistributedEngine) and `single` (the same step on one device, same
     precision and mode) run the same global batches from one state; every weight is compared, and every
-    replica's (worker's) copy against replica 0's. The distributed engine's state is put back afterwards."""
+    replica's (worker's) copy against replica 0's. The distributed engine's state is put back afterwards.
+
+    Splitting a batch re-associates its sums (two half-batch gradients all-reduced, not one), and Adam
+    magnifies that on weights near zero (measured: a bias of size 3.7e-3 off by 4.2e-8, 1.1e-5 relative,
+    after 20 steps). So a difference above the tolerance is judged against the same re-association noise
+    measured on one device: the single-device run compiled vs eager. Distribution passes when it adds no
+    more than DISTRIBUTED_SLACK times what compiling alone does."""
     steps = sum(int(tf.nest.flatten(b)[0].shape[0]) if stacked else 1 for b in batches)
     state = SavedState(engine)
     copy_state(engine, single)
+    start = SavedState(single)
     distributed = snapshot(engine, run_steps(engine, batches, stacked, compiled=True))
     spread = engine.replica_spread()
     state.restore()
@@ -181,11 +192,18 @@ def verify_distributed(engine, single, batches: list, precision: Precision, stac
     differences = compare(distributed, one_device)
     worst = max(differences, key=lambda d: d.max_rel)
     tolerance = DISTRIBUTED_RTOL[precision.name]
-    passed = worst.max_rel <= tolerance and spread == 0.0
-    verdict = (f"{engine.replicas} replicas and one device {'agree' if worst.max_rel <= tolerance else 'disagree'}: "
-               f"worst relative difference {worst.max_rel:.2e} ({worst.name}) "
-               f"{'<=' if worst.max_rel <= tolerance else '>'} {tolerance:g}; replicas "
-               + ("identical (spread 0.0)" if spread == 0.0 else f"DIFFER from replica 0 by up to {spread:.3e}"))
+    noise = None
+    if worst.max_rel > tolerance:
+        start.restore()
+        noise = max(d.max_rel for d in compare(one_device, snapshot(single, run_steps(single, batches, stacked, False))))
+    limit = tolerance if noise is None else max(tolerance, DISTRIBUTED_SLACK * noise)
+    agree = worst.max_rel <= limit
+    passed = agree and spread == 0.0
+    verdict = (f"{engine.replicas} replicas and one device {'agree' if agree else 'disagree'}: worst relative "
+               f"difference {worst.max_rel:.2e} ({worst.name}) {'<=' if agree else '>'} {limit:.2g}"
+               + ("" if noise is None else f" ({DISTRIBUTED_SLACK:g}x the one-device compiled-vs-eager "
+                                           f"difference {noise:.2e}, as the tolerance {tolerance:g} was exceeded)")
+               + "; replicas " + ("identical (spread 0.0)" if spread == 0.0 else f"DIFFER from replica 0 by up to {spread:.3e}"))
     if not passed:
         verdict += ("; check that each loss is summed and divided by ctx.global_batch_size (not averaged per "
                     "replica), and that random layers are off or drawn per replica on purpose")
