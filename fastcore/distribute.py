@@ -6,16 +6,17 @@
 
 Any tf.distribute.Strategy you make yourself works too; these helpers add the checks a run needs to fail
 in one line instead of hanging: a worker whose peer never starts blocks inside TensorFlow's
-constructor and ignores SIGTERM (measured), so `strategy("multi-worker")` ends the process after
-`peer_timeout` seconds with one line; collectives time out after the same bound.
+constructor, holding the GIL and ignoring SIGTERM (measured), so `strategy("multi-worker")` has a
+watchdog process print one line and kill it after `peer_timeout` seconds; collectives time out after
+the same bound, and a peer that dies mid-run is noticed by TensorFlow's heartbeat (measured ~9 s here).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
-import threading
 
 from fastcore.errors import UsageError
 
@@ -112,20 +113,22 @@ def strategy(kind: str, devices: int | None = None, peer_timeout: float = PEER_T
     them / of the CPU split by use_devices), "multi-worker" (the workers of TF_CONFIG)."""
     if kind not in KINDS:
         raise UsageError(f"unknown strategy {kind!r}: choose one of {', '.join(KINDS)}")
+    if not (math.isfinite(peer_timeout) and peer_timeout > 0):
+        raise UsageError(f"--peer-timeout {peer_timeout} must be a positive number of seconds")
     if kind == "none":
         if devices not in (None, 1):
             raise UsageError(f"--devices {devices} needs --strategy mirrored (one device is used without one)")
         return None
     import tensorflow as tf
     if kind == "mirrored":
-        names = use_devices(devices) if devices else _all_devices()
-        if len(names) < 2 and not devices:
+        names = use_devices(devices) if devices is not None else _all_devices()
+        if len(names) < 2 and devices is None:
             raise UsageError("--strategy mirrored: this machine has one device (no GPU); give --devices N to split "
                              "the CPU into N logical devices (for testing: they share the cores)")
         return tf.distribute.MirroredStrategy(names)
     spec = cluster()
     check_port_free(spec["workers"][spec["index"]])
-    if devices:
+    if devices is not None:
         use_devices(devices)
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=peer_timeout)
     with _deadline(peer_timeout, f"not every worker of TF_CONFIG ({', '.join(spec['workers'])}) joined within "
@@ -147,25 +150,36 @@ def _all_devices() -> list[str]:
     return [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
+# A separate process, since TensorFlow's constructor holds the GIL while it waits (measured: a Python
+# thread's timer never fired) and ignores SIGTERM: only SIGKILL from outside ends it.
+WATCHDOG = """
+import os, select, signal, sys
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+ready, _, _ = select.select([sys.stdin], [], [], seconds)
+if not ready:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
 class _deadline:
-    """Ends the process with one line (exit 4) when the block has not finished within `seconds`:
-    TensorFlow's multi-worker constructor waits for its peers forever and ignores SIGTERM."""
+    """Ends this process with one line when the block has not finished within `seconds` (exit status 137,
+    killed: the only way out of TensorFlow's multi-worker constructor, which waits for its peers forever)."""
 
     def __init__(self, seconds: float, message: str):
         self.seconds, self.message = seconds, message
-        self.timer: threading.Timer | None = None
-
-    def _expire(self) -> None:
-        print(f"fastcore-train: error: {self.message}; is every worker started with the same TF_CONFIG "
-              f"cluster? (the timeout is --peer-timeout)", file=sys.stderr, flush=True)
-        os._exit(EXIT_PEER_LOST)
+        self.watchdog = None
 
     def __enter__(self):
-        self.timer = threading.Timer(self.seconds, self._expire)
-        self.timer.daemon = True
-        self.timer.start()
+        import subprocess
+        line = (f"fastcore-train: error: {self.message}; is every worker started with the same TF_CONFIG "
+                f"cluster? (the timeout is --peer-timeout)")
+        self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.seconds), line],
+                                         stdin=subprocess.PIPE, stderr=sys.stderr.fileno())
         return self
 
     def __exit__(self, *exc):
-        self.timer.cancel()
+        self.watchdog.stdin.close()   # end of input: the watchdog exits without a word
+        self.watchdog.wait()
         return False

@@ -20,6 +20,8 @@ PREFLIGHT = "pre-flight: compiled and eager agree on the first batch"
 
 # example -> the final line it prints when it meets its target (slowest first: they start in this order)
 LAST_LINE = {
+    "distributed_custom_step.py": r"^2 replicas: twin PASS \(worst relative difference \S+\); eval accuracy 0\.\d+; "
+                                  r"replica spread after training 0\.0 \(target",
     "higgs_custom_step.py": r"^eval accuracy: fastcore 0\.\d+  keras fit 0\.\d+  gap [+-]0\.\d+ \(target",
     "gan_two_optimizers.py": r"^generated mean \(.*\) std .*distance to \(2, 2\) 0\.\d+ .*"
                              r"iterations \{'gen': 2000, 'disc': 2000\}",

@@ -19,7 +19,8 @@ Several devices or machines (tf.distribute; the distributed twin is --verify N):
   python -m fastcore.launch --workers 2 -- --dataset higgs --data-dir ../shared/data --verify 20
 
 Exit codes: 0 done, 1 --verify or the pre-flight check failed, 2 bad input, 3 NaN/Inf stopped the run,
-4 a worker was lost or did not join within --peer-timeout (continue with --resume),
+4 a worker was lost mid-run (continue with --resume), 137 (killed) a worker whose peers did not
+join within --peer-timeout (TensorFlow waits for them holding the process; a watchdog prints why),
 130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved; continue with --resume), 70 internal error.
 """
 
@@ -97,6 +98,6 @@ def parser() -> argparse.ArgumentParser:
                    help="devices per worker for --strategy mirrored / multi-worker: the first N GPUs, or the CPU "
                    "split into N logical devices where there is no GPU (for testing: they share the cores)")
     p.add_argument("--peer-timeout", type=float, default=120.0, metavar="S",
-                   help="multi-worker: seconds to wait for every worker to join, and for any one collective, "
-                   "before the run stops with exit 4 (default: %(default)s)")
+                   help="multi-worker: seconds to wait for every worker to join (then one line, and the "
+                   "process is killed: exit 137) and for any one collective (then exit 4) (default: %(default)s)")
     return p

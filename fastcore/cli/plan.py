@@ -149,8 +149,6 @@ def _check_positive(config: RunConfig) -> None:
             raise UsageError(f"{flag} {value} must be positive")
     if config.verify < 0:
         raise UsageError(f"--verify {config.verify} must be a number of steps >= 0")
-    if config.peer_timeout is not None and not (math.isfinite(config.peer_timeout) and config.peer_timeout > 0):
-        raise UsageError(f"--peer-timeout {config.peer_timeout} must be a positive number of seconds")
 
 
 def eval_batch_size(p: Plan) -> int:
