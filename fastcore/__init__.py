@@ -7,9 +7,9 @@
 
 Public names: Trainer, FitResult, Update (what a step function returns), StepContext (what it gets),
 Callback, the errors (FastcoreError, UsageError, DataError, PreflightError, NonFiniteError,
-CheckpointMismatch, Interrupted), and the modules `fastcore.layers` and `fastcore.random` (randomness identical
-compiled and eager). Names load on first use, so `python -m fastcore.train --help` starts without
-importing TensorFlow.
+CheckpointMismatch, Interrupted, PeerLost), and the modules `fastcore.layers` and `fastcore.random` (randomness
+identical compiled and eager) and `fastcore.distribute` (a tf.distribute strategy for `Trainer(strategy=...)`).
+Names load on first use, so `python -m fastcore.train --help` starts without importing TensorFlow.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ _PUBLIC = {
     "Callback": "fastcore.callbacks",
     "FastcoreError": "fastcore.errors", "UsageError": "fastcore.errors", "DataError": "fastcore.errors",
     "PreflightError": "fastcore.errors", "NonFiniteError": "fastcore.errors", "CheckpointMismatch": "fastcore.errors",
-    "Interrupted": "fastcore.errors",
-    "layers": None, "random": None,
+    "Interrupted": "fastcore.errors", "PeerLost": "fastcore.errors",
+    "layers": None, "random": None, "distribute": None,
 }
 __all__ = sorted(_PUBLIC)
 

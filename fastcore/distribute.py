@@ -144,6 +144,29 @@ def is_chief(strategy) -> bool:
     return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
+_SUMS: dict = {}   # strategy id -> its compiled all-reduce (a strategy lives as long as its process)
+
+
+def replica_sums(strategy, values: list[float]) -> list[float]:
+    """Each value summed over every replica of every worker (one all-reduce): how workers agree on a
+    decision each made alone (a stop signal, auto's precision). Without other workers: the values x replicas."""
+    import tensorflow as tf
+    fn = _SUMS.get(id(strategy))
+    if fn is None:
+        def sum_over_replicas(vector):
+            def replica(v):
+                return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, v * 1.0)
+            return strategy.run(replica, args=(vector,))
+        fn = _SUMS[id(strategy)] = tf.function(sum_over_replicas, autograph=False)
+    total = fn(tf.constant(values, tf.float32))
+    return [float(v) for v in strategy.experimental_local_results(total)[0].numpy()]
+
+
+def multi_worker(strategy) -> bool:
+    import tensorflow as tf
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def _all_devices() -> list[str]:
     import tensorflow as tf
     gpus = tf.config.list_logical_devices("GPU")

@@ -185,6 +185,16 @@ class Trainer:
         return Engine(models, optimizers, step_fn, **settings)
 
     def _resolve_precision(self, feed: feeding.Feed) -> Precision:
+        chosen = self._choose_precision(feed)
+        if self.precision_name == "auto" and distribute.multi_worker(self.strategy):
+            # Each worker measured alone; they must train in one precision, or their collectives mismatch.
+            names = ("float32", "bfloat16", "float16")
+            votes = distribute.replica_sums(self.strategy, [float(chosen.name == n) for n in names])
+            if votes[names.index(chosen.name)] != self.strategy.num_replicas_in_sync:
+                return Precision("float32", "auto: the workers measured different winners, so all train in float32")
+        return chosen
+
+    def _choose_precision(self, feed: feeding.Feed) -> Precision:
         proposal = resolve(self.precision_name, xla=self.mode == "xla")
         if self.precision_name != "auto" or proposal.name != "bfloat16":
             return proposal

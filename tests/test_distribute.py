@@ -234,3 +234,20 @@ def test_a_keras_optimizer_is_recreated_under_the_scope_and_trains_on_one_replic
     trained = trainer.engine.optimizer
     assert trained is not given and int(trained.iterations.numpy()) == 40 and not given.built
     assert result.history[-1]["train_loss"] < 0.05 and result.summary["replica_spread"] == 0.0
+
+
+def test_launcher_bad_input_is_one_line_before_any_worker_starts(capsys):
+    assert launch.main(["--workers", "0", "--", "--dataset", "higgs"]) == 2
+    assert launch.main(["--workers", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["fastcore-launch: error: --workers 0 must be at least 1",
+                   "fastcore-launch: error: no training arguments: give them after --, e.g. -- --dataset higgs"]
+
+
+def test_launcher_help_documents_every_flag_without_tensorflow():
+    done = subprocess.run([sys.executable, "-c", "import sys; from fastcore import launch; code = launch.main(['--help']);"
+                           " assert 'tensorflow' not in sys.modules; sys.exit(code)"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--workers", "--stop-timeout", "TRAIN_ARGS"):
+        assert flag in done.stdout

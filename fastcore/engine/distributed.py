@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from fastcore import distribute
 from fastcore.engine.step import Engine, finiteness_sum
 from fastcore.errors import UsageError
 
@@ -58,7 +59,7 @@ class DistributedEngine(Engine):
 
     @property
     def _multi_worker(self) -> bool:
-        return isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        return distribute.multi_worker(self.strategy)
 
     def replica_seed(self):
         """Each replica draws its own random numbers (its own slice of the batch)."""
@@ -114,14 +115,7 @@ class DistributedEngine(Engine):
         stops every worker after the same call, so their checkpoints and collectives stay in step."""
         if not self._multi_worker:
             return flag
-        if not hasattr(self, "_sum_of"):
-            def sum_of(value):
-                def replica(v):
-                    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, v * 1.0)
-                return self.strategy.run(replica, args=(value,))
-            self._sum_of = tf.function(sum_of, autograph=False)
-        total = self._sum_of(tf.constant(1.0 if flag else 0.0))
-        return float(self.strategy.experimental_local_results(total)[0]) > 0
+        return distribute.replica_sums(self.strategy, [1.0 if flag else 0.0])[0] > 0
 
     def replica_spread(self) -> float:
         """The largest difference between any replica's (any worker's) copy of any model variable and
