@@ -32,7 +32,7 @@ def train(data_dir, logdir, *args, env=None, launcher_workers=0, **popen):
     """A subprocess: fastcore.train, or fastcore.launch --workers N -- <args>."""
     head = ([sys.executable, "-m", "fastcore.launch", "--workers", str(launcher_workers), "--"] if launcher_workers
             else [sys.executable, "-m", "fastcore.train"])
-    command = [*head, *args, "--data-dir", data_dir, "--logdir", str(logdir), "--precision", "float32"]
+    command = [*head, "--precision", "float32", *args, "--data-dir", data_dir, "--logdir", str(logdir)]   # args win
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
@@ -251,3 +251,14 @@ def test_launcher_help_documents_every_flag_without_tensorflow():
     assert done.returncode == 0, done.stderr
     for flag in ("--workers", "--stop-timeout", "TRAIN_ARGS"):
         assert flag in done.stdout
+
+
+def test_float16_loss_scaling_under_two_devices_matches_one_device(data_dir, tmp_path):
+    """A half batch overflows float16 less often than the whole one, so the two loss scalers can skip different
+    steps (measured on sine: 1 vs 2); the twin then compares again from the lower scale both reached."""
+    code, out, err = finish(train(data_dir, tmp_path, "--dataset", "sine", "--epochs", "50", "--verify", "20",
+                                  "--strategy", "mirrored", "--devices", "2", "--precision", "float16"))
+    assert code == 0, err[-10:]
+    verify = summary_of(tmp_path)["verify"]
+    assert verify["passed"] and verify["precision"] == "float16" and verify["replica_spread"] == 0.0, verify["verdict"]
+    assert max(d["max_rel"] for d in verify["distributed_vs_single"]) <= 5e-3
