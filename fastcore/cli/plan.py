@@ -44,6 +44,7 @@ class RunConfig:
     profile_steps: str | None = None    # "A:B": profiler trace of steps A..B (from 1), see fastcore.profiling
     summary_every: int | None = None    # compiled calls between TensorBoard scalar writes (default 1)
     preflight: bool = True              # compare compiled and eager on the first batch before training
+    threads: str = "auto"               # auto | all | N intra-op threads (fastcore.cli.threads)
     strategy: str = "none"              # none | mirrored | multi-worker (fastcore.distribute)
     devices: int | None = None          # devices per worker (logical CPU devices where there is no GPU)
     peer_timeout: float = 120.0         # multi-worker: seconds to wait for a peer
@@ -85,23 +86,7 @@ def default_run_name(config: RunConfig) -> str:
 def plan(config: RunConfig, strategy=None) -> Plan:
     """Check the flags, load the data, make and build the Trainer; raises UsageError or DataError.
     `strategy`: the tf.distribute strategy for `config.strategy` (made first: devices are set before any op)."""
-    if config.task not in tasks.TASKS:
-        raise UsageError(f"unknown task {config.task!r}: choose one of {', '.join(tasks.TASKS)}")
-    task = tasks.TASKS[config.task]
-    _check_positive(config)
-    if not 0 <= config.dropout < 1:
-        raise UsageError(f"--dropout {config.dropout} is outside [0, 1): it is the share of units dropped")
-    if config.l2 < 0:
-        raise UsageError(f"--l2 {config.l2} is negative: use 0 for none or a small positive weight like 1e-3")
-    if config.model_api not in MODEL_APIS:
-        raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(MODEL_APIS)}")
-    run_dir = os.path.join(config.logdir, config.run_name or default_run_name(config))
-    for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir),
-                         ("the run directory", run_dir)):
-        atomic.check_writable(flag, folder)
-    if task.dataset == "higgs" and (config.data_dir or os.environ.get("FASTCORE_DATA_DIR")):
-        from pipelines import rowcache   # local HIGGS is parsed into a row cache: its folder must take writes
-        atomic.check_writable("the row cache folder ($FASTCORE_CACHE_DIR)", rowcache.cache_dir())
+    task = check(config)
     train = pipelines.load(task.dataset, config.train_split or task.train_split, config.data_dir, config.seed)
     evaluation = pipelines.load(task.dataset, config.eval_split or task.eval_split, config.data_dir, config.seed)
     batch_size = config.batch_size or task.batch_size or len(train.x)
@@ -129,6 +114,28 @@ def plan(config: RunConfig, strategy=None) -> Plan:
              total_steps, trainer, feed)
     trainer.build(feed, resume_from=p.checkpoint_dir if config.resume else None)
     return p
+
+
+def check(config: RunConfig):
+    """The flag checks that need no data and no TensorFlow (run before threads are chosen); returns the task."""
+    if config.task not in tasks.TASKS:
+        raise UsageError(f"unknown task {config.task!r}: choose one of {', '.join(tasks.TASKS)}")
+    task = tasks.TASKS[config.task]
+    _check_positive(config)
+    if not 0 <= config.dropout < 1:
+        raise UsageError(f"--dropout {config.dropout} is outside [0, 1): it is the share of units dropped")
+    if config.l2 < 0:
+        raise UsageError(f"--l2 {config.l2} is negative: use 0 for none or a small positive weight like 1e-3")
+    if config.model_api not in MODEL_APIS:
+        raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(MODEL_APIS)}")
+    run_dir = os.path.join(config.logdir, config.run_name or default_run_name(config))
+    for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir),
+                         ("the run directory", run_dir)):
+        atomic.check_writable(flag, folder)
+    if task.dataset == "higgs" and (config.data_dir or os.environ.get("FASTCORE_DATA_DIR")):
+        from pipelines import rowcache   # local HIGGS is parsed into a row cache: its folder must take writes
+        atomic.check_writable("the row cache folder ($FASTCORE_CACHE_DIR)", rowcache.cache_dir())
+    return task
 
 
 def _check_positive(config: RunConfig) -> None:

@@ -16,7 +16,7 @@ import traceback
 import pipelines
 
 from fastcore import atomic
-from fastcore.cli import plan as planning, quiet
+from fastcore.cli import plan as planning, quiet, threads
 from fastcore import distribute
 from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
 
@@ -31,7 +31,8 @@ def config_from_args(args: argparse.Namespace) -> planning.RunConfig:
 
 def summary_fields(p: planning.Plan) -> dict:
     """What the run is, at the head of summary.json."""
-    return {"task": p.task.name, "model_api": p.config.model_api}
+    from fastcore.observe import calibrate
+    return {"task": p.task.name, "model_api": p.config.model_api, "intra_op_threads": calibrate.threads()}
 
 
 def identity(p: planning.Plan) -> dict:
@@ -80,7 +81,10 @@ def _main(args: argparse.Namespace) -> int:
     quiet.silence_python_logs()
     config = config_from_args(args)
     try:
-        # The strategy first: logical devices must be set before TensorFlow runs any op.
+        # Threads and the strategy first: both must be set before TensorFlow runs any op.
+        planning.check(config)   # bad flags are said before any timing
+        count, threads_why = threads.decide(config.threads, config)
+        threads.use(count)
         strategy = distribute.strategy(config.strategy, config.devices, config.peer_timeout)
         p = planning.plan(config, strategy)
     except (UsageError, pipelines.DataError) as e:
@@ -90,6 +94,7 @@ def _main(args: argparse.Namespace) -> int:
     print(f"{p.task.name}: {len(p.train.x):,} train ({p.train.source}), {len(p.eval.x):,} eval ({p.eval.source}); "
           f"{config.model_api}, {config.mode}, {p.precision.name} ({p.precision.reason}), "
           f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
+    print(f"threads: {count or 'all'} intra-op ({threads_why})", flush=True)
     if strategy is not None:
         print(f"distributed: {p.trainer.engine.placement}", flush=True)
     path = os.path.join(p.run_dir, "summary.json")
