@@ -154,21 +154,18 @@ class Trainer:
         return built
 
     def _optimizers(self, precision: Precision, fresh: bool = False, distributed: bool = False) -> dict:
+        """The run's optimizers (float16: each in a LossScaleOptimizer). `fresh` clones them (twins, timing);
+        under a strategy they are always clones made in its scope, where their variables must be created."""
         out = {}
-        distributed = distributed and self.strategy is not None
-        for name, opt in self.optimizer_specs.items():
-            if distributed:   # its variables must be created under the strategy's scope
-                with self.strategy.scope():
-                    opt = _clone_optimizer(opt)
-                    out[name] = keras.optimizers.LossScaleOptimizer(opt) if precision.loss_scaling else opt
-                continue
-            opt = _clone_optimizer(opt) if fresh else opt
-            if precision.loss_scaling and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
-                if not isinstance(opt, keras.optimizers.Optimizer):
-                    raise UsageError(f"float16 needs dynamic loss scaling: optimizer {name!r} must be a Keras "
-                                     f"optimizer (wrapped in keras.optimizers.LossScaleOptimizer by fastcore)")
-                opt = keras.optimizers.LossScaleOptimizer(opt)
-            out[name] = opt
+        with self._scope(distributed):
+            for name, opt in self.optimizer_specs.items():
+                opt = _clone_optimizer(opt) if fresh or (distributed and self.strategy is not None) else opt
+                if precision.loss_scaling and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
+                    if not isinstance(opt, keras.optimizers.Optimizer):
+                        raise UsageError(f"float16 needs dynamic loss scaling: optimizer {name!r} must be a Keras "
+                                         f"optimizer (wrapped in keras.optimizers.LossScaleOptimizer by fastcore)")
+                    opt = keras.optimizers.LossScaleOptimizer(opt)
+                out[name] = opt
         return out
 
     def _make_engine(self, precision: Precision, mode: str, batch_size: int, models: dict, optimizers: dict,

@@ -45,8 +45,9 @@ class DistributedEngine(Engine):
         self._grad_variables: dict[str, list] = {}
         with strategy.scope():
             super().__init__(models, optimizers, step_fn, **kwargs)
-        jit = self.mode == "xla"
-        self._replica_gradients = tf.function(self._gradients_of_slice, jit_compile=jit, autograph=False)
+        # The XLA part (see the module doc); traced once per replica device, compiled once.
+        self._replica_gradients = tf.function(self._gradients_of_slice, jit_compile=self.mode == "xla",
+                                              autograph=False)
 
     @property
     def placement(self) -> str:
@@ -82,7 +83,7 @@ class DistributedEngine(Engine):
 
     def compute_checked(self, batch):
         """Run the step on every replica's slice; all-reduce the finiteness sum (one branch everywhere)."""
-        logs, grads, sums = self.strategy.run(lambda b: self._gradients_of_slice(self._slice(b)), args=(batch,))
+        logs, grads, sums = self.strategy.run(lambda b: self._replica_gradients(self._slice(b)), args=(batch,))
         finite = tf.math.is_finite(self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None))
         reduced = {}
         for name, value in logs.items():

@@ -79,12 +79,10 @@ class StepContext:
         """A fresh int64 [2] seed for fastcore.random: distinct per call in a step and per step; the same
         compiled and eager; resumes exactly (it derives from the checkpointed step counter)."""
         self._draws += 1
-        seed = self._engine.replica_seed()
+        seed = tf.cast(self._engine.replica_seed(), tf.int64)
         if not self.training:   # the pre-flight's seeds must not depend on a counter a warm-up call moves
-            return tf.stack([tf.constant(seed, tf.int64) if isinstance(seed, int) else seed,
-                             tf.constant(self._draws, tf.int64)])
-        return tf.stack([tf.constant(seed, tf.int64) if isinstance(seed, int) else seed,
-                         self._engine.steps * 1024 + self._draws])
+            return tf.stack([seed, tf.constant(self._draws, tf.int64)])
+        return tf.stack([seed, self._engine.steps * 1024 + self._draws])
 
     def call(self, model, *args):
         """`model(*args, training=ctx.training)` when the model takes `training`, else `model(*args)`."""
