@@ -33,7 +33,7 @@ FIGURES: dict[str, float] = {}
 
 def run_case(name: str, data_dir: str, logdir: str) -> dict:
     args = ["--dataset", "higgs", "--data-dir", data_dir, "--precision", "float32", "--xla", "--epochs", str(EPOCHS),
-            "--logdir", logdir, "--run-name", name, "--no-preflight"]
+            "--logdir", logdir, "--run-name", name, "--no-preflight", "--threads", "all"]   # like with like
     head = ([sys.executable, "-m", "fastcore.launch", "--workers", "2", "--"] if name == "workers-2"
             else [sys.executable, "-m", "fastcore.train"])
     done = subprocess.run([*head, *args, *CASES[name]], cwd=ROOT, capture_output=True, text=True, timeout=900)
