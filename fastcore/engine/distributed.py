@@ -43,6 +43,7 @@ class DistributedEngine(Engine):
             raise UsageError(f"batch size {batch} does not split evenly over {self.replicas} replicas: "
                              f"use a multiple of {self.replicas}")
         self._grad_variables: dict[str, list] = {}
+        self._gather_spread = None
         with strategy.scope():
             super().__init__(models, optimizers, step_fn, **kwargs)
         # The XLA part (see the module doc); traced once per replica device, compiled once.
@@ -121,11 +122,13 @@ class DistributedEngine(Engine):
     def replica_spread(self) -> float:
         """The largest difference between any replica's (any worker's) copy of any model variable and
         replica 0's: 0.0 when every replica holds the same weights, measured, not assumed."""
-        variables = [v for v in self.model_variables if v.trainable]
+        if self._gather_spread is None:   # one trace for every call (the twin, each run's end)
+            variables = [v for v in self.model_variables if v.trainable]
 
-        def gather():
-            flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0)
-            every = tf.distribute.get_replica_context().all_gather(flat[None], axis=0)
-            return tf.reduce_max(tf.abs(every - every[0:1]))
-        spread = self.strategy.run(tf.function(gather, autograph=False))
+            def gather():
+                flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0)
+                every = tf.distribute.get_replica_context().all_gather(flat[None], axis=0)
+                return tf.reduce_max(tf.abs(every - every[0:1]))
+            self._gather_spread = tf.function(gather, autograph=False)
+        spread = self.strategy.run(self._gather_spread)
         return float(max(float(v) for v in self.strategy.experimental_local_results(spread)))
