@@ -70,7 +70,9 @@ class Trainer:
         It is traced by tf.function without AutoGraph (as Keras 3 traces its train step): write
         data-dependent branches with tf.cond / tf.where.
       eval_step: with `step`, optional `eval_step(batch, ctx) -> {name: per-example values}`.
-      precision: float32 | bfloat16 | float16 | auto (auto needs model factories to time both).
+      precision: float32 | bfloat16 | float16 | auto (auto needs model factories to time both). Under
+        mode="xla", auto may run bfloat16 as a plain graph when that step is measured faster (oneDNN's
+        AMX matmuls, which XLA:CPU lacks); `run_mode` and the summary's "mode" say which ran.
       mode: xla (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
       steps_per_call: K optimizer steps per compiled call (default: about 8k examples, at most 64,
         dividing the epoch).
@@ -126,6 +128,11 @@ class Trainer:
             self._built_models = self._build_models(self.precision or Precision("float32", "default"),
                                                     distributed=True)
         return self._built_models
+
+    @property
+    def run_mode(self) -> str:
+        """The compiled path the run uses: `mode`, unless precision="auto" chose bfloat16 as a plain graph."""
+        return (self.precision and self.precision.mode) or self.mode
 
     def _scope(self, distributed: bool):
         """The strategy's scope for the run's own variables; none for single-device twins and timing."""
@@ -201,17 +208,22 @@ class Trainer:
         shapes = ";".join(f"{name}:{type(m).__name__}:" + ",".join(str(v.shape) for v in m.trainable_variables)
                           for name, m in self._build_models(Precision("float32", "key")).items())
         key = f"step/{shapes}/b{feed.batch_size}/k{self._steps_per_call(feed)}/{self.mode}"
-        return autoprecision.confirm(proposal, key, lambda: self._time_precisions(feed))
+        candidates = ("float32", "bfloat16")
+        if self.mode == "xla" and self.strategy is None:   # XLA:CPU lacks oneDNN's AMX bfloat16 matmuls
+            candidates += (autoprecision.GRAPH_BF16,)
+        return autoprecision.confirm(proposal, key, lambda: self._time_precisions(feed, candidates), candidates)
 
-    def _time_precisions(self, feed: feeding.Feed) -> dict[str, float]:
+    def _time_precisions(self, feed: feeding.Feed, candidates: tuple[str, ...]) -> dict[str, float]:
         batch = next(iter(feed.dataset.take(1)))
         k = self._steps_per_call(feed)
         calls = {}
-        for name in ("float32", "bfloat16"):
+        for candidate in candidates:
+            name, _, mode = candidate.partition("/")
             p = Precision(name, "timing")
-            engine = self._make_engine(p, self.mode, feed.batch_size, self._build_models(p), self._optimizers(p, fresh=True))
+            engine = self._make_engine(p, mode or self.mode, feed.batch_size, self._build_models(p),
+                                       self._optimizers(p, fresh=True))
             fn = engine.train_many if k > 1 else engine.train_one
-            calls[name] = lambda fn=fn: tf.nest.map_structure(lambda t: t.numpy(), fn(batch))
+            calls[candidate] = lambda fn=fn: tf.nest.map_structure(lambda t: t.numpy(), fn(batch))
         return autoprecision.time_calls(calls, feed.batch_size * k)
 
     def _steps_per_call(self, feed: feeding.Feed) -> int:
@@ -231,7 +243,8 @@ class Trainer:
             return self.engine
         recorded = checkpoint.recorded_precision(resume_from) if resume_from else None
         if self.precision_name == "auto" and recorded:   # a resumed run keeps the precision it was trained in
-            self.precision = Precision(recorded, "auto: as trained in the checkpoint it resumes")
+            path = self._choose_precision(feed).mode if recorded == "bfloat16" else None   # auto's cached path
+            self.precision = Precision(recorded, "auto: as trained in the checkpoint it resumes", mode=path)
         else:
             self.precision = self._resolve_precision(feed)
         if self.precision.name != "float32" and not self.factories:
@@ -241,7 +254,7 @@ class Trainer:
                                  f"{self.precision.policy} policy: pass a factory (a function returning the "
                                  f"model) and fastcore builds it so")
         models = self.models
-        self.engine = self._make_engine(self.precision, self.mode, feed.batch_size, models,
+        self.engine = self._make_engine(self.precision, self.run_mode, feed.batch_size, models,
                                         self._optimizers(self.precision, distributed=True), distributed=True)
         return self.engine
 
@@ -308,7 +321,7 @@ class Trainer:
         self._k = self._steps_per_call(feed)
         batches = list(feed.dataset.take(math.ceil(steps / self._k)))
         if self.strategy is not None:   # the distributed twin: the same steps on one device
-            single = self._make_engine(self.precision, self.mode, feed.batch_size, self._build_models(self.precision),
+            single = self._make_engine(self.precision, self.run_mode, feed.batch_size, self._build_models(self.precision),
                                        self._optimizers(self.precision, fresh=True))
             return verifying.verify_distributed(engine, single, batches, self.precision, self._k > 1)
         reference = None
@@ -380,7 +393,7 @@ class Trainer:
         engine.first_non_finite_step.assign(-1)   # a new fit starts healthy: no bad update was ever applied
 
         summary = {**(summary_fields or {}), "precision": self.precision.name,
-                   "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
+                   "precision_reason": self.precision.reason, "mode": self.run_mode, "xla": self.run_mode == "xla",
                    "batch_size": feed.batch_size, "steps_per_call": k, "epochs": total / feed.steps_per_epoch,
                    "train_data": feed.source}
         if self.strategy is not None:
@@ -406,7 +419,7 @@ class Trainer:
                                                      run_identity, say)
             agree = getattr(engine, "any_worker", lambda flag: flag)
             loop.should_stop = lambda: agree(stop.received is not None)
-            if self.run_preflight and self.mode != "eager" and not (resume and checkpoint.on_disk(checkpoint_dir or "")):
+            if self.run_preflight and self.run_mode != "eager" and not (resume and checkpoint.on_disk(checkpoint_dir or "")):
                 report = self.preflight(next(iter(feed.dataset.take(1))))
                 summary["preflight"] = report.to_json()
                 say(report.line())
@@ -516,7 +529,7 @@ class Trainer:
             summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
                                                    self.precision.name, self._matmul_shapes(feed.batch_size)))
         if observer:
-            summary.update(observer.report(engine.ledger, self.mode, summary))
+            summary.update(observer.report(engine.ledger, self.run_mode, summary))
         else:
             retraces = engine.ledger.retraces()
             summary.update({"retraced": bool(retraces), "retraces": retraces})

@@ -67,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(mode="xla")
     p.add_argument("--precision", choices=CHOICES, default="auto",
                    help="float32; bfloat16 or float16 mixed precision (float16 with dynamic loss scaling); "
-                   "auto picks from the hardware and says why (default: %(default)s)")
+                   "auto picks from the hardware and the step's own timing, and says why; under --xla it may run "
+                   "bfloat16 as a plain graph when oneDNN's matmuls make that step faster (default: %(default)s)")
     p.add_argument("--steps-per-call", type=int, metavar="K",
                    help="optimizer steps per compiled call, K stacked batches walked inside one graph "
                    "(default: the task's, rounded to divide an epoch)")

@@ -47,7 +47,7 @@ def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
     verify failed). Raises NonFiniteError (its .summary holds the summary), PreflightError, CheckpointMismatch."""
     trainer, c, out = p.trainer, p.config, out or sys.stdout
     head = {**summary_fields(p), "precision": p.precision.name, "precision_reason": p.precision.reason,
-            "mode": c.mode, "xla": c.mode == "xla", "batch_size": p.batch_size, "steps_per_call": p.steps_per_call,
+            "mode": trainer.run_mode, "xla": trainer.run_mode == "xla", "batch_size": p.batch_size, "steps_per_call": p.steps_per_call,
             "epochs": p.total_steps / p.steps_per_epoch, "train_data": p.train.source, "eval_data": p.eval.source}
     if c.verify:
         report = trainer.verify(p.feed, steps=c.verify)
@@ -92,7 +92,7 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     chief = distribute.is_chief(strategy)
     print(f"{p.task.name}: {len(p.train.x):,} train ({p.train.source}), {len(p.eval.x):,} eval ({p.eval.source}); "
-          f"{config.model_api}, {config.mode}, {p.precision.name} ({p.precision.reason}), "
+          f"{config.model_api}, {p.trainer.run_mode}, {p.precision.name} ({p.precision.reason}), "
           f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
     print(f"threads: {count or 'all'} intra-op ({threads_why})", flush=True)
     if strategy is not None:

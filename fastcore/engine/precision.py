@@ -16,6 +16,7 @@ _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mix
 class Precision:
     name: str            # float32 | bfloat16 | float16
     reason: str          # why this precision was chosen (printed for `auto`)
+    mode: str | None = None   # the compiled path `auto` chose for it, when not the requested one
 
     @property
     def policy(self) -> str:
@@ -41,6 +42,8 @@ def resolve(name: str, xla: bool) -> Precision:
     The peaks are fastcore.calibrate's (cached per machine). Here, an AMD EPYC with AVX512_BF16 and
     no AMX, 1024^2 per thread: graph (oneDNN) bfloat16 ~1.8x float32, XLA bfloat16 ~0.9x. XLA on
     CPU does not reach AMX either: on a Xeon with AMX, oneDNN bfloat16 ran 1,402 GFLOP/s, XLA 297.
+    So under XLA, bfloat16 is proposed when either its XLA or its plain-graph (oneDNN) peak pays;
+    which of the two steps runs is then timed (fastcore.engine.autoprecision).
     """
     if name not in CHOICES:
         raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(CHOICES)}")
@@ -51,9 +54,13 @@ def resolve(name: str, xla: bool) -> Precision:
         return Precision("float16", "auto: a GPU is present (float16 with dynamic loss scaling)")
     from fastcore.observe import calibrate
     path = "xla" if xla else "graph"
-    peaks = calibrate.peaks([("float32", path), ("bfloat16", path)])
-    f32, bf16 = peaks[f"float32/{path}"][0], peaks[f"bfloat16/{path}"][0]
-    measured = f"{path} matmul peak bfloat16 {bf16:.0f} vs float32 {f32:.0f} GFLOP/s"
+    bf16_paths = ("xla", "graph") if xla else ("graph",)
+    peaks = calibrate.peaks([("float32", path)] + [("bfloat16", p) for p in bf16_paths])
+    f32 = peaks[f"float32/{path}"][0]
+    bf16_path = max(bf16_paths, key=lambda p: peaks[f"bfloat16/{p}"][0])
+    bf16 = peaks[f"bfloat16/{bf16_path}"][0]
+    measured = (f"{path} matmul peak float32 {f32:.0f}, bfloat16 "
+                + ", ".join(f"{p} {peaks[f'bfloat16/{p}'][0]:.0f}" for p in bf16_paths) + " GFLOP/s")
     if bf16 >= BF16_GAIN * f32:
         return Precision("bfloat16", f"auto: {measured}, >= {BF16_GAIN:g}x")
     return Precision("float32", f"auto: {measured}, under the {BF16_GAIN:g}x that pays for bfloat16's precision")
