@@ -20,7 +20,8 @@ import os
 import sys
 
 GATED = "ceiling_share"
-COLUMNS = ("examples_per_sec", "ceiling_share", "ratio_vs_fit", "ratio_vs_eager", "input_wait_share",
+RATES = ("examples_per_sec", "rows_per_sec")   # training cases / the ingest case
+COLUMNS = ("examples_per_sec", "rows_per_sec", "ceiling_share", "utilisation", "ratio_vs_fit", "ratio_vs_eager", "input_wait_share",
            "compile_seconds")
 
 
@@ -40,7 +41,7 @@ def newest(count: int) -> list[str]:
 def table(run: dict[str, dict]) -> list[str]:
     rows = [f"{'benchmark':<44} " + " ".join(f"{c:>16}" for c in COLUMNS)]
     for name, info in run.items():
-        cells = [f"{info[c]:>16,.0f}" if c == "examples_per_sec" else f"{info[c]:>16.3f}" if c in info else f"{'':>16}"
+        cells = [f"{info[c]:>16,.0f}" if c in RATES and c in info else f"{info[c]:>16.3f}" if c in info else f"{'':>16}"
                  for c in COLUMNS]
         rows.append(f"{name:<44} " + " ".join(cells))
     return rows
@@ -52,8 +53,9 @@ def regressions(base: dict[str, dict], new: dict[str, dict], tolerance: float) -
     for name in sorted(base.keys() & new.keys()):
         before, after = base[name].get(GATED), new[name].get(GATED)
         if before and after is not None and after < before * (1 - tolerance):
+            rate = next(r for r in RATES if r in new[name])
             found.append(f"REGRESSION {name}: {GATED} {before:.3f} -> {after:.3f} ({after / before - 1:+.0%}), "
-                         f"examples/s {base[name]['examples_per_sec']:,.0f} -> {new[name]['examples_per_sec']:,.0f}")
+                         f"{rate.replace('_per_sec', '/s')} {base[name].get(rate, 0):,.0f} -> {new[name][rate]:,.0f}")
     return found
 
 

@@ -1,7 +1,10 @@
 """Throughput per task and mode, with Keras `fit` on the same model and batches as the yardstick.
 
 Each benchmark stores its figures in `extra_info`: examples_per_sec (median over rounds),
-ceiling_share (achieved FLOP/s / the in-run XLA float32 matmul kernel: the gated ratio),
+ceiling_share (achieved FLOP/s / the in-run XLA float32 matmul kernel: the gated ratio, which follows
+the machine's load), utilisation (achieved FLOP/s / the honest peak of the case's dtype: the best of
+XLA and oneDNN matmuls, fastcore.observe.calibrate, never above 1), mode (the path that ran: auto may
+run bfloat16 as a plain graph),
 ratio_vs_fit (/ Keras fit at its best steps_per_execution, same session), ratio_vs_eager, and,
 for K-step XLA cases, input_wait_share (1 - streamed / the same step on one reused batch).
 pytest-benchmark's own timings are of one round (Ours) or of the whole measurement (fit).
@@ -11,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 import harness
+from fastcore.observe import tensorboard
 
 ROUNDS, ROUND_SECONDS = 7, 0.5
 FIT_SPE = {"fashion_mnist": (1, 50), "higgs": (1, 20)}
@@ -83,8 +87,11 @@ def test_fastcore(benchmark, request, data_dir, kernel, measured, task, mode, pr
     benchmark.pedantic(ours.streamed_round, setup=between_rounds, rounds=rounds if mode != "eager" else 3)
     eps = harness.statistics.median(ours.streamed)
     flops, gflops = p.task.model.training_flops_per_example(), kernel.gflops(since)
-    info = dict(task=task, mode=f"{mode} K={k}", precision=ours.precision.name, examples_per_sec=eps,
+    info = dict(task=task, mode=f"{ours.step.mode} K={k}", precision=ours.precision.name, examples_per_sec=eps,
                 compile_seconds=ours.compile_seconds, kernel_gflops=gflops, ceiling_share=eps * flops / (gflops * 1e9))
+    if mode != "eager":
+        info["utilisation"] = tensorboard.utilisation(flops, eps, ours.precision.name,
+                                                      p.trainer.matmul_shapes(p.batch_size))["utilisation"]
     if precision == "auto":
         info["precision_reason"] = ours.precision.reason
     if compare_reused:

@@ -527,7 +527,7 @@ class Trainer:
         summary.update(self.flops_per_example(feed))
         if "examples_per_sec" in summary:
             summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
-                                                   self.precision.name, self._matmul_shapes(feed.batch_size)))
+                                                   self.precision.name, self.matmul_shapes(feed.batch_size)))
         if observer:
             summary.update(observer.report(engine.ledger, self.run_mode, summary))
         else:
@@ -546,7 +546,7 @@ class Trainer:
             summary["summary_not_written"] = f"{path!r}: {e.strerror or e}"
             say(f"summary.json not written ({path!r}: {e.strerror or e}); the figures below are the run's")
 
-    def _matmul_shapes(self, batch_size: int) -> list[tuple[int, int, int]]:
+    def matmul_shapes(self, batch_size: int) -> list[tuple[int, int, int]]:
         """(batch, in, out) of every 2-D weight: the step's dense matmuls, for the ceiling's step shape."""
         return [(batch_size, *v.shape.as_list()) for m in self.engine.models.values()
                 for v in m.trainable_variables if v.shape.rank == 2]
