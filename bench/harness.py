@@ -49,13 +49,12 @@ class Kernel:
 
 
 class Ours:
-    """fastcore's step for (plan, mode, precision), fed by its stream or by one reused batch."""
+    """fastcore's step as the plan built it (its mode, and the precision and path `auto` chose), fed by
+    its stream or by one reused batch."""
 
-    def __init__(self, p: run.Plan, mode: str, round_seconds: float):
+    def __init__(self, p: run.Plan, round_seconds: float):
         self.precision = p.precision   # `auto` resolved as a run resolves it (measured on this step)
-        p.trainer.mode = mode
-        p.trainer.engine = None
-        self.step = p.trainer.build(p.feed)
+        self.step = p.trainer.engine
         self.k = p.steps_per_call
         self.fn = self.step.train_many if self.k > 1 else self.step.train_one
         self.iterator = iter(pipelines.train_stream(p.train, p.batch_size, p.config.seed, self.k))

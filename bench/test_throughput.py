@@ -75,7 +75,7 @@ def test_fastcore(benchmark, request, data_dir, kernel, measured, task, mode, pr
     rounds, seconds = _sizes(request)
     flags = SMOKE[task] if request.node.get_closest_marker("smoke") else FLAGS[task]
     p = harness.plan(task, data_dir, steps_per_call=k, precision=precision, mode=mode, **flags)
-    ours = harness.Ours(p, mode, seconds if mode != "eager" else min(seconds, 0.3))
+    ours = harness.Ours(p, seconds if mode != "eager" else min(seconds, 0.3))
     compare_reused = mode == "xla" and k > 1
     since = len(kernel.samples)
 
