@@ -1,11 +1,14 @@
 """Precision choice, and float16 dynamic loss scaling on the CPU."""
+import dataclasses
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import pipelines
 from fastcore import trainer as trainer_module
-from fastcore.cli import plan as run
+from fastcore.cli import plan as run, session
 from fastcore.engine import precision
 from fastcore.observe import calibrate
 
@@ -56,7 +59,7 @@ def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
     assert float(step.optimizer.dynamic_scale) == scale / 2
 
 
-def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch):
+def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch, tmp_path):
     """When the matmul peaks propose bfloat16, the faster of the two timed steps wins."""
     from fastcore.engine import autoprecision
     monkeypatch.setattr(trainer_module, "resolve", lambda name, xla: precision.Precision("bfloat16", "auto: peaks say so"))
@@ -82,6 +85,12 @@ def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch):
         calibrate.store(key, {"float32": f32, "bfloat16": xla_bf16, graph: graph_bf16})
         p = run.plan(config)
         assert (p.precision.name, p.trainer.run_mode, p.trainer.engine.mode) == (name, mode, mode), (f32, xla_bf16, graph_bf16)
+    calibrate.store(key, {"float32": 1.0, "bfloat16": 2.0, graph: 2.2})   # a resumed run keeps auto's path
+    trained = dataclasses.replace(config, logdir=str(tmp_path), run_name="r", epochs=1)
+    session.train_and_summarize(run.plan(trained), out=io.StringIO())
+    resumed = run.plan(dataclasses.replace(trained, epochs=2, resume=True))
+    assert (resumed.precision.name, resumed.trainer.run_mode) == ("bfloat16", "graph")
+    assert "as trained in the checkpoint" in resumed.precision.reason
     calibrate.store(key, {"float32": 1.0, "bfloat16": 2.0})   # a cache from before the graph candidate: re-measured
     run.plan(config)
     assert set(calibrate.cached(key)) == {"float32", "bfloat16", graph}
