@@ -1,7 +1,6 @@
 """Bad input, case by case: one clear line on stderr, exit code 2, no traceback, nothing half-written."""
 import gzip
 import os
-import shutil
 import struct
 
 import pytest
