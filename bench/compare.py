@@ -21,8 +21,8 @@ import sys
 
 GATED = "ceiling_share"
 RATES = ("examples_per_sec", "rows_per_sec")   # training cases / the ingest case
-COLUMNS = ("examples_per_sec", "rows_per_sec", "ceiling_share", "utilisation", "ratio_vs_fit", "ratio_vs_eager", "input_wait_share",
-           "compile_seconds")
+COLUMNS = ("examples_per_sec", "rows_per_sec", "ceiling_share", "utilisation", "ratio_vs_fit", "ratio_vs_eager",
+           "input_wait_share", "compile_seconds")
 
 
 def load(path: str) -> dict[str, dict]:

@@ -35,7 +35,8 @@ def real_format_file(rows: int) -> str:
     return str(path)
 
 
-def ingest(path: str) -> float:
+def ingest(path: str) -> tuple[float, int]:
+    """(rows/s, rows) of the whole ingest: inflate, parse, row-major float32."""
     start = time.perf_counter()
     rows = sum(len(block) for block in csvrows.iter_rows(path, 29, (0.0, 1.0)))
     return rows / (time.perf_counter() - start), rows

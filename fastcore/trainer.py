@@ -199,7 +199,8 @@ class Trainer:
         return chosen
 
     def _choose_precision(self, feed: feeding.Feed) -> Precision:
-        proposal = resolve(self.precision_name, xla=self.mode == "xla")
+        graph_bf16 = self.mode == "xla" and self.strategy is None   # XLA:CPU lacks oneDNN's AMX bfloat16 matmuls
+        proposal = resolve(self.precision_name, xla=self.mode == "xla", graph_bf16=graph_bf16)
         if self.precision_name != "auto" or proposal.name != "bfloat16":
             return proposal
         if not self.factories or self._built_models is not None:
@@ -208,9 +209,7 @@ class Trainer:
         shapes = ";".join(f"{name}:{type(m).__name__}:" + ",".join(str(v.shape) for v in m.trainable_variables)
                           for name, m in self._build_models(Precision("float32", "key")).items())
         key = f"step/{shapes}/b{feed.batch_size}/k{self._steps_per_call(feed)}/{self.mode}"
-        candidates = ("float32", "bfloat16")
-        if self.mode == "xla" and self.strategy is None:   # XLA:CPU lacks oneDNN's AMX bfloat16 matmuls
-            candidates += (autoprecision.GRAPH_BF16,)
+        candidates = ("float32", "bfloat16") + ((autoprecision.GRAPH_BF16,) if graph_bf16 else ())
         return autoprecision.confirm(proposal, key, lambda: self._time_precisions(feed, candidates), candidates)
 
     def _time_precisions(self, feed: feeding.Feed, candidates: tuple[str, ...]) -> dict[str, float]:

@@ -25,11 +25,11 @@ def test_auto_follows_the_measured_peaks_and_says_why(xla):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU machine takes float16 without measuring")   # the CPU path is what CI runs
     path = "xla" if xla else "graph"
-    bf16_paths = ("xla", "graph") if xla else ("graph",)   # under XLA the plain graph's bfloat16 is a candidate
+    bf16_paths = ("xla", "graph") if xla else ("graph",)   # under XLA the plain graph's bfloat16 is a candidate too
     peaks = calibrate.peaks([("float32", path)] + [("bfloat16", p) for p in bf16_paths])
     f32 = peaks[f"float32/{path}"][0]
     bf16 = [peaks[f"bfloat16/{p}"][0] for p in bf16_paths]
-    choice = precision.resolve("auto", xla=xla)
+    choice = precision.resolve("auto", xla=xla, graph_bf16=xla)
     assert choice.name == ("bfloat16" if max(bf16) >= precision.BF16_GAIN * f32 else "float32")
     assert choice.reason.startswith("auto:") and f"{f32:.0f}" in choice.reason
     assert all(f"{rate:.0f}" in choice.reason for rate in bf16)
@@ -62,7 +62,7 @@ def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
 def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch, tmp_path):
     """When the matmul peaks propose bfloat16, the faster of the two timed steps wins."""
     from fastcore.engine import autoprecision
-    monkeypatch.setattr(trainer_module, "resolve", lambda name, xla: precision.Precision("bfloat16", "auto: peaks say so"))
+    monkeypatch.setattr(trainer_module, "resolve", lambda name, xla, graph_bf16: precision.Precision("bfloat16", "auto: peaks say so"))
     config = run.RunConfig("mnist", data_dir=data_dir, train_split="test[:640]", eval_split="test[640:700]",
                            steps_per_call=4)
     def step_keys():   # other runs of the session (e.g. --threads auto's timing children) cache theirs too

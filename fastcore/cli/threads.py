@@ -93,7 +93,7 @@ def _seconds_per_example(count: int, fields: dict) -> float:
     from fastcore.cli import plan as planning
     config = planning.RunConfig(**fields, logdir=tempfile.mkdtemp(prefix="fastcore-threads-"), preflight=False)
     p = planning.plan(config)
-    engine = p.trainer.build(p.feed)
+    engine = p.trainer.engine   # built by plan()
     batch = next(iter(p.feed.dataset.take(1)))
     train = engine.train_many if p.steps_per_call > 1 else engine.train_one
     tf.nest.map_structure(lambda t: t.numpy(), train(batch))

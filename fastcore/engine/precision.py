@@ -36,14 +36,15 @@ class Precision:
 BF16_GAIN = 1.5   # bfloat16 must beat float32 by this much on the run's path: it costs precision
 
 
-def resolve(name: str, xla: bool) -> Precision:
+def resolve(name: str, xla: bool, graph_bf16: bool = False) -> Precision:
     """Pick the precision; `auto` decides from the machine's measured matmul peaks on the run's path.
 
     The peaks are fastcore.calibrate's (cached per machine). Here, an AMD EPYC with AVX512_BF16 and
     no AMX, 1024^2 per thread: graph (oneDNN) bfloat16 ~1.8x float32, XLA bfloat16 ~0.9x. XLA on
     CPU does not reach AMX either: on a Xeon with AMX, oneDNN bfloat16 ran 1,402 GFLOP/s, XLA 297.
-    So under XLA, bfloat16 is proposed when either its XLA or its plain-graph (oneDNN) peak pays;
-    which of the two steps runs is then timed (fastcore.engine.autoprecision).
+    So with `graph_bf16` (XLA asked for, bfloat16 allowed to run as a plain graph), bfloat16 is proposed
+    when either its XLA or its plain-graph (oneDNN) peak pays; which step runs is then timed
+    (fastcore.engine.autoprecision).
     """
     if name not in CHOICES:
         raise ValueError(f"unknown precision {name!r}: choose one of {', '.join(CHOICES)}")
@@ -54,11 +55,10 @@ def resolve(name: str, xla: bool) -> Precision:
         return Precision("float16", "auto: a GPU is present (float16 with dynamic loss scaling)")
     from fastcore.observe import calibrate
     path = "xla" if xla else "graph"
-    bf16_paths = ("xla", "graph") if xla else ("graph",)
+    bf16_paths = (path, "graph") if xla and graph_bf16 else (path,)
     peaks = calibrate.peaks([("float32", path)] + [("bfloat16", p) for p in bf16_paths])
     f32 = peaks[f"float32/{path}"][0]
-    bf16_path = max(bf16_paths, key=lambda p: peaks[f"bfloat16/{p}"][0])
-    bf16 = peaks[f"bfloat16/{bf16_path}"][0]
+    bf16 = max(peaks[f"bfloat16/{p}"][0] for p in bf16_paths)
     measured = (f"{path} matmul peak float32 {f32:.0f}, bfloat16 "
                 + ", ".join(f"{p} {peaks[f'bfloat16/{p}'][0]:.0f}" for p in bf16_paths) + " GFLOP/s")
     if bf16 >= BF16_GAIN * f32:
