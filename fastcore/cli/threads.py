@@ -1,8 +1,8 @@
 """`--threads auto`: how many intra-op threads a run uses, chosen by timing the run's own training step.
 
 Small steps lose more to handing work to a second thread than they gain from it. Measured on 2 cores
-(CLI, float32, XLA, 3 epochs): the Fashion-MNIST MLP at batch 32 trains at 162k examples/s on one
-intra-op thread and 118k on both; the HIGGS MLP at batch 500 at 26k on one and 43k on both. A proxy (the
+(float32, XLA): the Fashion-MNIST MLP's step at batch 32 ran 195.6k examples/s on one intra-op thread and
+149.9k on both (one reused batch); the HIGGS MLP at batch 500, 26k on one and 43k on both. A proxy (the
 step's matmuls alone) picked wrongly for HIGGS (9.3 vs 10.6 ms), so the step itself is timed: the run's
 plan is built in two child processes (the thread count is fixed when TensorFlow starts), one on one thread
 and one on all, and each times its compiled training call on one batch. The faster wins (one thread only
