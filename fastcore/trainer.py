@@ -28,9 +28,10 @@ import tensorflow as tf
 from fastcore import atomic, distribute
 from fastcore.callbacks import Callback
 from fastcore.engine import autoprecision, checkpoint, feeding, preflight, runguard, verify as verifying
+from fastcore.engine.loss_step import loss_eval, loss_step, named_metrics, unpack
 from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
 from fastcore.engine.precision import Precision, resolve
-from fastcore.engine.step import MODES, Engine, StepContext, Update, per_example_values
+from fastcore.engine.step import MODES, Engine, StepContext
 from fastcore.errors import Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
 from fastcore.observe import flops, tensorboard
 from fastcore.observe.progress import Progress
@@ -102,7 +103,7 @@ class Trainer:
                 raise UsageError(f"optimizer {name!r} ({type(opt).__name__}) has no apply_gradients method")
         if loss is not None and len(self.model_specs) != 1:
             raise UsageError("loss= trains one model; with several models, write a step function (step=)")
-        self.loss, self.metrics = loss, _named_metrics(metrics)
+        self.loss, self.metrics = loss, named_metrics(metrics)
         self.strategy = strategy
         if strategy is not None:
             _check_distributable(strategy, self.model_specs, self.optimizer_specs, mode)
@@ -375,7 +376,7 @@ class Trainer:
         for name, folder in (("run_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
             atomic.check_writable(name, folder)
         if self.loss is not None:
-            _unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
+            unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
 
         engine = self.build(feed, resume_from=checkpoint_dir if resume else None)
         if validation_data is not None:
@@ -564,60 +565,6 @@ class Trainer:
                                  forward.get_concrete_function(spec) if forward else None, feed.batch_size)
 
 
-# -- the step fastcore writes for a loss -------------------------------------------------------------
-def per_example_loss(loss) -> Callable:
-    """`(y_true, y_pred) -> per-example` from a Keras loss object, a Keras loss name, or a callable."""
-    if isinstance(loss, keras.losses.Loss):
-        return loss.call   # Loss.call is the unreduced per-example loss (no reduction, no weights)
-    if isinstance(loss, str):
-        return keras.losses.get(loss)
-    if callable(loss):
-        return loss
-    raise UsageError(f"loss {loss!r} is not a Keras loss or a callable (y_true, y_pred) -> per-example loss")
-
-
-def _unpack(batch):
-    """(x, y, sample_weight or None) from a batch, or from a dataset's element_spec (checked up front)."""
-    if isinstance(batch, Mapping):
-        raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight); this dataset yields "
-                         "dicts: map it, e.g. ds.map(lambda d: (d['image'], d['label']))")
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
-    raise UsageError("with loss=, each element must be (x, y) or (x, y, sample_weight)")
-
-
-def loss_step(model, loss) -> Callable:
-    """The step fastcore writes for `loss`: sum of per-example losses / global batch + regularization."""
-    loss_fn = per_example_loss(loss)
-
-    def step(batch, ctx: StepContext) -> Update:
-        x, y, weights = _unpack(batch)
-        with tf.GradientTape() as tape:
-            out = tf.cast(ctx.call(model, x), tf.float32)
-            per = per_example_values(loss_fn(y, out))
-            if weights is not None:
-                per = per * tf.cast(tf.reshape(weights, [-1]), tf.float32)
-            # Sum / global batch (not mean): stays right when tf.distribute splits the batch.
-            value = tf.reduce_sum(per) / ctx.global_batch_size + ctx.regularization(model)
-            scaled = ctx.scale(value)
-        variables = model.trainable_variables
-        return Update(value, zip(tape.gradient(scaled, variables), variables))
-    return step
-
-
-def loss_eval(model, loss, metrics: dict) -> Callable:
-    """Per-example loss and metrics on a batch, the model in inference mode."""
-    loss_fn = per_example_loss(loss)
-
-    def evaluate(batch, ctx: StepContext) -> dict:
-        x, y, _ = _unpack(batch)
-        out = tf.cast(ctx.call(model, x), tf.float32)
-        values = {"loss": per_example_values(loss_fn(y, out))}
-        values.update({name: per_example_values(fn(y, out)) for name, fn in metrics.items()})
-        return values
-    return evaluate
-
-
 # -- helpers -------------------------------------------------------------------------------------------
 def _is_factory(spec) -> bool:
     return callable(spec) and not hasattr(spec, "trainable_variables")
@@ -631,19 +578,6 @@ def _named(value, what: str) -> dict:
     if value is None:
         raise UsageError(f"no {what} given")
     return {what: value}
-
-
-def _named_metrics(metrics) -> dict:
-    if metrics is None:
-        return {}
-    if isinstance(metrics, Mapping):
-        return dict(metrics)
-    out = {}
-    for fn in metrics:
-        if not callable(fn):
-            raise UsageError(f"metric {fn!r} is not callable: give (y_true, y_pred) -> per-example values")
-        out[getattr(fn, "__name__", None) or getattr(fn, "name", None) or f"metric_{len(out)}"] = fn
-    return out
 
 
 def _check_distributable(strategy, model_specs: dict, optimizer_specs: dict, mode: str) -> None:

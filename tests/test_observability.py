@@ -24,7 +24,7 @@ from helpers import train
 from fastcore.engine.step import Engine
 from fastcore.observe import calibrate, doctor as profile, tensorboard as profiling
 from fastcore.tasks import models
-from fastcore.trainer import loss_eval, loss_step
+from fastcore.engine.loss_step import loss_eval, loss_step
 
 HIGGS_RUN = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:3000]",
              "--epochs", "3", "--steps-per-call", "1", "--profile-steps", "2:4", "--run-name", "r1",
