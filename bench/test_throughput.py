@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 import harness
+from fastcore.engine import report
 from fastcore.observe import tensorboard
 
 ROUNDS, ROUND_SECONDS = 7, 0.5
@@ -91,7 +92,7 @@ def test_fastcore(benchmark, request, data_dir, kernel, measured, task, mode, pr
                 compile_seconds=ours.compile_seconds, kernel_gflops=gflops, ceiling_share=eps * flops / (gflops * 1e9))
     if mode != "eager":
         info["utilisation"] = tensorboard.utilisation(flops, eps, ours.precision.name,
-                                                      p.trainer.matmul_shapes(p.batch_size))["utilisation"]
+                                                      report.matmul_shapes(p.trainer.engine, p.batch_size))["utilisation"]
     if precision == "auto":
         info["precision_reason"] = ours.precision.reason
     if compare_reused:

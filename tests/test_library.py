@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras
 
 import fastcore
+from fastcore.options import FitOptions
 
 
 def regression_data(n=512, seed=0):
@@ -171,7 +172,7 @@ def test_a_dataset_that_cannot_be_checkpointed_is_said_at_the_start_and_weights_
     import io
     out = io.StringIO()
     trainer = fastcore.Trainer(PlainMLP(), keras.optimizers.SGD(0.05), loss=my_loss)
-    result = trainer.fit(ds, epochs=2, steps_per_epoch=8, run_dir=str(tmp_path / "gen"), out=out)
+    result = trainer.run(ds, options=FitOptions(epochs=2, steps_per_epoch=8, run_dir=str(tmp_path / "gen"), out=out))
     notes = [line for line in out.getvalue().splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "cannot be checkpointed" in notes[0]
     assert result.summary["checkpoint"] and tf.train.latest_checkpoint(str(tmp_path / "gen" / "checkpoints"))

@@ -13,29 +13,36 @@ import pipelines
 from fastcore import atomic, tasks
 from fastcore.engine.precision import Precision
 from fastcore.errors import UsageError
+from fastcore.options import IDENTITY
 from fastcore.observe import tensorboard
 from fastcore.tasks.specs import MODEL_APIS, Regularization
-from fastcore.trainer import Trainer, largest_divisor_at_most
+from fastcore.engine.feeding import largest_divisor_at_most
+from fastcore.trainer import Trainer
+
+
+# Marks on RunConfig's fields: STEP_COST fields change what a step costs (the --threads auto cache key);
+# IDENTITY fields make a run this run (a resume with any of them changed is refused).
+STEP_COST = {"step_cost": True}
 
 
 @dataclasses.dataclass
 class RunConfig:
-    task: str
-    data_dir: str | None = None
+    task: str = dataclasses.field(metadata={**STEP_COST, **IDENTITY})
+    data_dir: str | None = dataclasses.field(default=None, metadata=STEP_COST)
     epochs: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = dataclasses.field(default=None, metadata=STEP_COST)
     learning_rate: float | None = None
-    model_api: str = "keras-functional"
-    mode: str = "xla"                 # xla | graph | eager
-    precision: str = "auto"
-    steps_per_call: int | None = None
+    model_api: str = dataclasses.field(default="keras-functional", metadata={**STEP_COST, **IDENTITY})
+    mode: str = dataclasses.field(default="xla", metadata=STEP_COST)                 # xla | graph | eager
+    precision: str = dataclasses.field(default="auto", metadata=STEP_COST)
+    steps_per_call: int | None = dataclasses.field(default=None, metadata=STEP_COST)
     verify: int = 0
-    l2: float = 0.0
-    dropout: float = 0.0
+    l2: float = dataclasses.field(default=0.0, metadata={**STEP_COST, **IDENTITY})
+    dropout: float = dataclasses.field(default=0.0, metadata={**STEP_COST, **IDENTITY})
     seed: int = 0
     logdir: str = "profiles"
     run_name: str | None = None
-    train_split: str | None = None
+    train_split: str | None = dataclasses.field(default=None, metadata=STEP_COST)
     eval_split: str | None = None
     checkpoint_dir: str | None = None   # default: <run_dir>/checkpoints
     checkpoint_every: int | None = None  # steps; default: one epoch

@@ -18,6 +18,7 @@ import pipelines
 from fastcore import atomic
 from fastcore.cli import plan as planning, quiet, threads
 from fastcore import distribute
+from fastcore.options import FitOptions, identity_fields
 from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
 
 EXIT_INTERNAL = 70   # EX_SOFTWARE
@@ -36,10 +37,9 @@ def summary_fields(p: planning.Plan) -> dict:
 
 
 def identity(p: planning.Plan) -> dict:
-    """The CLI's part of the run's identity (a resume with any of it changed is refused)."""
-    c = p.config
-    return {"task": p.task.name, "model_api": c.model_api, "l2": c.l2, "dropout": c.dropout,
-            "train_data": p.train.source, "eval_data": p.eval.source, "learning_rate": p.learning_rate}
+    """The CLI's part of the run's identity (a resume with any of it changed is refused): RunConfig's IDENTITY
+    fields, and the data and learning rate in use."""
+    return identity_fields(p.config, train_data=p.train.source, eval_data=p.eval.source, learning_rate=p.learning_rate)
 
 
 def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
@@ -56,11 +56,11 @@ def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
         head["verify"] = report.to_json()
         if not report.passed:
             return head, None
-    result = trainer.fit(p.feed, steps=p.total_steps, validation_data=p.eval,
-                         validation_batch_size=planning.eval_batch_size(p), run_dir=p.run_dir,
+    options = FitOptions(steps=p.total_steps, validation_batch_size=planning.eval_batch_size(p), run_dir=p.run_dir,
                          checkpoint_dir=p.checkpoint_dir, checkpoint_every=c.checkpoint_every, resume=c.resume,
                          profile_steps=c.profile_steps, summary_every=c.summary_every,
-                         deterministic=c.deterministic, out=out, summary_fields=head, identity=identity(p))
+                         deterministic=c.deterministic, out=out, summary_head=head, identity=identity(p))
+    result = trainer.run(p.feed, options=options, validation_data=p.eval)
     return result.summary, trainer.engine
 
 

@@ -11,6 +11,7 @@ Library users set it themselves: tf.config.threading.set_intra_op_parallelism_th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,9 +23,7 @@ BUDGET_SECONDS = 1.0
 MIN_CALLS = 5
 MARGIN = 1.05
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
-# The fields that change what a step costs; the rest (logdir, epochs, checkpoints, ...) do not.
-FIELDS = ("task", "data_dir", "train_split", "batch_size", "model_api", "mode", "precision", "steps_per_call",
-          "l2", "dropout")
+
 
 
 def use(count: int | None) -> None:
@@ -60,7 +59,7 @@ def tensorflow_started() -> bool:
 def choose(config) -> tuple[int | None, str]:
     """(1 or None, why) for a RunConfig: one thread when the run's step is measurably faster on one."""
     from fastcore.observe import calibrate   # the machine key and its locked cache
-    fields = {name: getattr(config, name) for name in FIELDS}
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("step_cost")}
     key = f"threads/v{KEY_VERSION}/" + json.dumps(fields, sort_keys=True)
     entry = calibrate.cached(key)
     cached = entry is not None

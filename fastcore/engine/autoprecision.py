@@ -17,7 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fastcore.engine.precision import Precision
+import tensorflow as tf
+
+from fastcore import distribute
+from fastcore.engine.precision import Precision, resolve
 from fastcore.observe import calibrate
 
 ROUNDS = 8       # timed calls per precision, alternating, after one each that compiles
@@ -66,3 +69,49 @@ def confirm(proposal: Precision, key: str, measure: Callable[[], dict[str, float
         return Precision("bfloat16", f"{proposal.reason}; {measured}: the plain graph, whose oneDNN matmuls "
                                      f"beat XLA's here", mode="graph")
     return Precision("bfloat16", f"{proposal.reason}; {measured}")
+
+
+def decide(name: str, mode: str, assembly, first_call: Callable[[], object], batch_size: int, k: int,
+           built: bool, recorded: str | None = None) -> Precision:
+    """The run's precision for `name` (auto | float32 | bfloat16 | float16).
+
+    `assembly` builds the timing candidates (fastcore.engine.assembly.Assembly); `first_call()` gives the
+    run's first compiled call's batch; `built`: the run's models exist already (auto cannot rebuild them);
+    `recorded`: the precision of the checkpoint a run resumes, which auto keeps (with its cached path)."""
+    if name == "auto" and recorded:
+        path = _choose(name, mode, assembly, first_call, batch_size, k, built).mode if recorded == "bfloat16" else None
+        return Precision(recorded, "auto: as trained in the checkpoint it resumes", mode=path)
+    chosen = _choose(name, mode, assembly, first_call, batch_size, k, built)
+    strategy = assembly.strategy
+    if name == "auto" and distribute.multi_worker(strategy):
+        # Each worker measured alone; they must train in one precision, or their collectives mismatch.
+        names = ("float32", "bfloat16", "float16")
+        votes = distribute.replica_sums(strategy, [float(chosen.name == n) for n in names])
+        if votes[names.index(chosen.name)] != strategy.num_replicas_in_sync:
+            return Precision("float32", "auto: the workers measured different winners, so all train in float32")
+    return chosen
+
+
+def _choose(name, mode, assembly, first_call, batch_size, k, built) -> Precision:
+    graph_bf16 = mode == "xla" and assembly.strategy is None   # XLA:CPU lacks oneDNN's AMX bfloat16 matmuls
+    proposal = resolve(name, xla=mode == "xla", graph_bf16=graph_bf16)
+    if name != "auto" or proposal.name != "bfloat16":
+        return proposal
+    if not assembly.factories or built:
+        return Precision("float32", "auto: the model was passed built, so it cannot be rebuilt in bfloat16 to "
+                                    "time both; pass a factory (a function returning the model) to let auto choose")
+    shapes = ";".join(f"{n}:{type(m).__name__}:" + ",".join(str(v.shape) for v in m.trainable_variables)
+                      for n, m in assembly.models(Precision("float32", "key")).items())
+    key = f"step/{shapes}/b{batch_size}/k{k}/{mode}"
+    candidates = ("float32", "bfloat16") + ((GRAPH_BF16,) if graph_bf16 else ())
+
+    def measure() -> dict[str, float]:
+        batch = first_call()
+        calls = {}
+        for candidate in candidates:
+            precision, _, path = candidate.partition("/")
+            engine = assembly.twin(Precision(precision, "timing"), path or mode, batch_size)
+            fn = engine.train_many if k > 1 else engine.train_one
+            calls[candidate] = lambda fn=fn: tf.nest.map_structure(lambda t: t.numpy(), fn(batch))
+        return time_calls(calls, batch_size * k)
+    return confirm(proposal, key, measure, candidates)

@@ -22,6 +22,21 @@ import pipelines
 from fastcore.errors import UsageError
 
 PREFETCH = 2   # compiled calls' batches ready ahead (see pipelines.common for the measurements)
+CALL_EXAMPLES = 8192   # default steps per call: about this many examples per compiled call...
+MAX_STEPS_PER_CALL = 64   # ...and at most this many steps (progress and checkpoints stay timely)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def steps_per_call(batch_size: int, steps_per_epoch: int, requested: int | None = None) -> int:
+    """K, the optimizer steps per compiled call: `requested`, else about CALL_EXAMPLES examples (at most
+    MAX_STEPS_PER_CALL steps) and a divisor of the epoch, so epoch ends fall on call ends."""
+    if requested:
+        return requested
+    target = max(1, min(MAX_STEPS_PER_CALL, CALL_EXAMPLES // batch_size))
+    return largest_divisor_at_most(steps_per_epoch, target)
 
 
 @dataclasses.dataclass
@@ -32,6 +47,7 @@ class Feed:
     steps_per_epoch: int
     source: str
     fingerprint: str            # what the data is, for a resume's same-run check (see fingerprint())
+    user_dataset: tf.data.Dataset | None = None   # the dataset as given (None for arrays): its first batch is hashed
 
 
 def is_dataset(data) -> bool:
@@ -69,6 +85,7 @@ def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, see
 
 
 def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epoch, source) -> Feed:
+    given = ds
     dim = check_shapes(ds.element_spec, "training")
     if dim is None:   # the last batch may be short: keep the full ones so every step has one shape
         dim = batch_size or first_batch_size(ds)
@@ -91,7 +108,7 @@ def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epo
     if steps_per_call > 1:
         ds = ds.batch(steps_per_call, drop_remainder=True)
     described = f"{source}; {ds.element_spec}; {steps_per_epoch} batches of {dim} per epoch"
-    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, source, described)
+    return Feed(ds.prefetch(PREFETCH), dim, steps_per_epoch, source, described, user_dataset=given)
 
 
 SAMPLED_ROWS = 256

@@ -1,0 +1,222 @@
+"""One training run: locks, signals, the pre-flight, the loop with its callbacks, and how it ends.
+
+Takes plain values (the built engine, the feed, options): nothing here knows the Trainer. Every way a run
+can end is one outcome: finished (the summary), a non-finite step (NonFiniteError), a signal (Interrupted,
+after a checkpoint), a lost peer (PeerLost); each writes summary.json first when there is a run folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fastcore import atomic, distribute
+from fastcore.callbacks import Callback
+from fastcore.engine import checkpoint, feeding, report, runguard
+from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
+from fastcore.errors import Interrupted, NonFiniteError, PeerLost, UsageError
+from fastcore.observe import tensorboard
+from fastcore.observe.progress import Progress
+from fastcore.options import FitOptions, identity_fields
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `Trainer.fit` returns: per-epoch history (train_<name>, eval_<name>) and the run's summary."""
+    history: list[dict]
+    summary: dict
+    run_dir: str | None
+
+
+@dataclasses.dataclass
+class Run:
+    """A built engine and its data, ready to train under `options`."""
+    engine: object                 # fastcore.engine.step.Engine (or DistributedEngine)
+    feed: feeding.Feed
+    k: int                         # steps per compiled call
+    precision: object              # fastcore.engine.precision.Precision
+    mode: str                      # the compiled path that runs
+    options: FitOptions
+    evaluation: tf.data.Dataset | None = None
+    strategy: object = None
+    identity_records: tuple = ()   # option records whose IDENTITY fields make the run this run
+    preflight: Callable | None = None        # (first call's batch) -> PreflightReport; raises PreflightError
+    warm_up_seconds: Callable[[], float | None] = lambda: None
+
+    def total_steps(self) -> int:
+        o = self.options
+        total = o.steps if o.steps is not None else o.epochs * self.feed.steps_per_epoch
+        return math.ceil(total / self.k) * self.k
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        o = self.options
+        return o.checkpoint_dir or (os.path.join(o.run_dir, "checkpoints") if o.run_dir else None)
+
+    def fit(self, callbacks: Sequence[Callback] = ()) -> FitResult:
+        o, engine, feed = self.options, self.engine, self.feed
+        chief = distribute.is_chief(self.strategy)
+        # The chief's checkpoint folder: every worker restores from it (storage all workers can read).
+        checkpoint_dir = self.checkpoint_dir
+        run_dir, verbose = (o.run_dir, o.verbose) if chief else (None, False)
+        if not chief:   # a multi-worker run's other workers train alongside and write nothing of their own
+            callbacks = ()
+        total = self.total_steps()
+        tensorboard.check_options(o.profile_steps, o.summary_every, total)
+        for name, folder in (("run_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
+            atomic.check_writable(name, folder)
+        if o.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        engine.first_non_finite_step.assign(-1)   # a new fit starts healthy: no bad update was ever applied
+        out = o.out or sys.stdout
+        say = (lambda line: print(line, file=out, flush=True)) if verbose else (lambda line: None)
+        summary = {**(o.summary_head or {}), "precision": self.precision.name,
+                   "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
+                   "batch_size": feed.batch_size, "steps_per_call": self.k, "epochs": total / feed.steps_per_epoch,
+                   "train_data": feed.source}
+        if self.strategy is not None:
+            summary["strategy"] = engine.placement
+        with contextlib.ExitStack() as guards:
+            for folder, what in ((run_dir, "run directory"), (checkpoint_dir if chief else None, "checkpoint directory")):
+                if folder and not _inside(folder, run_dir if what != "run directory" else None):
+                    guards.enter_context(runguard.RunLock(folder, what))
+            if chief and checkpoint_dir and not o.resume and checkpoint.on_disk(checkpoint_dir):
+                raise UsageError(f"{checkpoint_dir!r} already holds checkpoints (newest "
+                                 f"{os.path.basename(checkpoint.on_disk(checkpoint_dir)[0])}): continue that run with "
+                                 f"--resume (resume=True), or choose another --run-name / run_dir")
+            identity = self.identity() if checkpoint_dir else {}
+            done = self._completed(checkpoint_dir, total, run_dir, identity) if o.resume and checkpoint_dir else None
+            if done is not None:
+                say(done.summary.pop("note"))
+                return done
+            stop = guards.enter_context(runguard.StopSignals())
+            loop, checkpoints, observer = self._loop(total, run_dir, checkpoint_dir, identity, say,
+                                                     [*([Progress(out=out)] if verbose else []), *callbacks])
+            agree = getattr(engine, "any_worker", lambda flag: flag)
+            loop.should_stop = lambda: agree(stop.received is not None)
+            if self.preflight and not (o.resume and checkpoint.on_disk(checkpoint_dir or "")):
+                result = self.preflight(next(iter(feed.dataset.take(1))))
+                summary["preflight"] = result.to_json()
+                say(result.line())
+            try:
+                loop.run()
+            except NonFiniteLoss as e:
+                last = checkpoints.latest if checkpoints else None
+                summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
+                report.write(run_dir, summary, say)
+                raise NonFiniteError(e.step, last, summary) from None
+            except tf.errors.OpError as e:
+                if self.strategy is None or not isinstance(e, distribute.PEER_FAULTS):
+                    raise
+                raise PeerLost(distribute.first_line(e), loop.steps_done, checkpoints.latest if checkpoints else None) from None
+            except StopRequested:
+                if checkpoints:
+                    checkpoints.on_train_end(loop)
+                latest = checkpoints.latest if checkpoints else None
+                # A worker whose peer got the signal stops at the same call (any_worker), as if it got SIGTERM.
+                name, code = (stop.name, runguard.EXIT_CODES[stop.received]) if stop.received else (
+                    "SIGTERM (on another worker)", runguard.EXIT_CODES[signal.SIGTERM])
+                summary["interrupted"] = {"signal": name, "step": loop.steps_done, "checkpoint": latest}
+                self._fill(summary, loop, checkpoints, observer)
+                report.write(run_dir, summary, say)
+                raise Interrupted(name, loop.steps_done, latest, code, summary) from None
+            self._fill(summary, loop, checkpoints, observer)
+            report.write(run_dir, summary, say)
+        return FitResult(summary["history"], summary, run_dir)
+
+    def _fill(self, summary, loop, checkpoints, observer) -> None:
+        report.fill(summary, loop, self.engine, self.feed, self.k, self.precision.name, self.mode, checkpoints,
+                    observer, self.warm_up_seconds(), distributed=self.strategy is not None)
+
+    def _loop(self, total, run_dir, checkpoint_dir, identity, say, extra_callbacks):
+        """The loop with its callbacks: TensorBoard (run_dir), checkpoints (checkpoint_dir), the rest."""
+        o, feed = self.options, self.feed
+        loop = Loop(self.engine, feed.dataset, self.evaluation, total, feed.steps_per_epoch, self.k, feed.batch_size)
+        callbacks: list[Callback] = []
+        observer = checkpoints = None
+        if run_dir:
+            observer = tensorboard.Observer(run_dir, os.path.dirname(os.path.normpath(run_dir)) or ".",
+                                            o.profile_steps, o.summary_every)
+            callbacks += observer.callbacks
+        if checkpoint_dir:
+            unsaveable = feeding.checkpointable(loop.iterator)
+            if unsaveable:
+                say(f"note: the training data's position cannot be checkpointed ({unsaveable}); checkpoints "
+                    f"hold the models, optimizers and step counter, and a resumed run restarts the data from "
+                    f"its beginning")
+            checkpoints = checkpoint.Checkpoints(checkpoint_dir, o.checkpoint_every or feed.steps_per_epoch, o.resume,
+                                                 self.precision.name, identity, with_data=unsaveable is None, say=say,
+                                                 writer=distribute.is_chief(self.strategy))
+            callbacks.append(checkpoints)
+        loop.callbacks = [*callbacks, *extra_callbacks]
+        return loop, checkpoints, observer
+
+    def identity(self) -> dict:
+        """What makes a run the same run on resume: the options' IDENTITY fields (with the values in use),
+        the data, K, models and optimizers, and the caller's extras."""
+        def optimizer(opt):
+            inner = getattr(opt, "inner_optimizer", opt)
+            config = inner.get_config() if hasattr(inner, "get_config") else {}
+            keep = {k: v for k, v in config.items() if k not in ("name",) and isinstance(v, (int, float, str, bool))}
+            return {"class": type(inner).__name__, **keep}
+        data = self.feed.fingerprint
+        first = first_batch_digest(self.feed.user_dataset) if self.feed.user_dataset is not None else None
+        if first:
+            data += f", first batch {first}"
+        return {**identity_fields(*self.identity_records, self.options, batch_size=self.feed.batch_size),
+                "data": data, "steps_per_call": self.k,
+                "models": {n: f"{type(m).__name__} " + " ".join(str(v.shape.as_list()) for v in m.trainable_variables)
+                           for n, m in self.engine.models.items()},
+                "optimizers": {n: optimizer(o) for n, o in self.engine.optimizers.items()},
+                **dict(self.options.identity or {})}
+
+    def _completed(self, checkpoint_dir: str, total: int, run_dir: str | None, identity: dict) -> FitResult | None:
+        """A resume of a run that already reached `total` steps changes nothing and says so."""
+        for prefix in checkpoint.on_disk(checkpoint_dir):
+            try:
+                meta = checkpoint.read_meta(prefix)
+            except Exception:
+                continue
+            checkpoint.check_same_run(prefix, meta, self.precision.name, identity)
+            if meta["steps"] < total:
+                return None
+            previous = {}
+            if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
+                with open(os.path.join(run_dir, "summary.json")) as f:
+                    previous = json.load(f)
+            previous.setdefault("history", meta.get("history", []))
+            previous["note"] = (f"the run is complete: {prefix} is at step {meta['steps']} of {total}; nothing "
+                                f"changed (give more epochs or steps to extend it)")
+            return FitResult(previous["history"], previous, run_dir)
+        return None
+
+
+def first_batch_digest(ds: tf.data.Dataset) -> str | None:
+    """A hash of a dataset's first element, when two fresh iterators agree on it (None for a dataset that
+    draws a new order each time). A checkpointed iterator keeps batches it had buffered, so a resume given
+    other data would train on the old batches first: this digest, part of the run's identity, refuses it."""
+    def digest():
+        h = hashlib.blake2b(digest_size=8)
+        for element in ds.take(1):
+            for leaf in tf.nest.flatten(element):
+                h.update(np.ascontiguousarray(leaf.numpy()).tobytes())
+        return h.hexdigest()
+    first = digest()
+    return first if first == digest() else None
+
+
+def _inside(folder: str, parent: str | None) -> bool:
+    """Whether `folder` lies inside `parent` (then the parent's lock covers it)."""
+    if parent is None:
+        return False
+    folder, parent = os.path.abspath(folder), os.path.abspath(parent)
+    return folder == parent or folder.startswith(parent + os.sep)
