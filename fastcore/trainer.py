@@ -22,8 +22,9 @@ from fastcore.callbacks import Callback
 from fastcore.engine import autoprecision, checkpoint, feeding, preflight, verify as verifying
 from fastcore.engine.assembly import Assembly
 from fastcore.engine.loss_step import unpack
+from fastcore.engine.online import OnlineSteps
 from fastcore.engine.precision import Precision
-from fastcore.engine.run import FitResult, Run
+from fastcore.engine.run import FitResult, Run, engine_identity
 from fastcore.engine.step import Engine
 from fastcore.errors import PreflightError, UsageError
 from fastcore.options import FitOptions, TrainerOptions
@@ -78,6 +79,7 @@ class Trainer:
         self.warm_up_seconds: float | None = None
         self._built_models: dict | None = None
         self._k = 1   # steps per compiled call of the feed in use (set by fit / verify)
+        self._online_steps: OnlineSteps | None = None
 
     @property
     def strategy(self):
@@ -248,6 +250,37 @@ class Trainer:
             run.preflight = self.preflight
         run.warm_up_seconds = lambda: self.warm_up_seconds
         return run.fit(callbacks)
+
+    # -- steps on batches the caller makes ---------------------------------------------------------------
+    def train_on_batch(self, batch) -> dict[str, float]:
+        """One compiled, guarded optimizer step on `batch`, for loops that make each batch themselves (RL,
+        active learning, curricula). `batch` is what a fit element holds: (x, y[, sample_weight]) with loss=,
+        whatever your step takes with step=. The first call builds the step (and runs the pre-flight); later
+        calls of the same shape reuse it. Returns the step's logs as floats; raises NonFiniteError when a
+        loss or gradient was not finite (no weight changed)."""
+        return self._online(batch)(batch)
+
+    def save(self, directory: str) -> str:
+        """Checkpoint the models, optimizers and step counter into `directory` (temp files, then rename)."""
+        return self._online().save(directory)
+
+    def restore(self, directory: str) -> int:
+        """Load the newest intact checkpoint of `directory` (another run's is refused); returns its step."""
+        return self._online().restore(directory)
+
+    def _online(self, batch=None) -> OnlineSteps:
+        if self._online_steps is None:
+            if self.engine is None:
+                if batch is None:
+                    raise UsageError("nothing to save or restore yet: call train_on_batch(batch) or fit() first")
+                self.build(feeding.batch_feed(batch))
+                if self.options.preflight and self.run_mode != "eager":
+                    self._k = 1
+                    self.preflight(batch)
+            identity = {**engine_identity(self.engine, (self.options,), self.engine.global_batch_size, 1),
+                        "data": "batches given one at a time"}
+            self._online_steps = OnlineSteps(self.engine, self.precision.name, identity)
+        return self._online_steps
 
 
 def _evaluation_batches(validation_data, batch_size):

@@ -164,10 +164,10 @@ class Checkpoints(Callback):
             self.say(note)
         self.attach(loop)
         if self.resume:
-            self._restore(loop)
+            self.restore(loop)
         self.saved_at = loop.steps_done
 
-    def _restore(self, loop) -> None:
+    def restore(self, loop) -> None:
         damaged = []
         for prefix in on_disk(self.directory):
             try:

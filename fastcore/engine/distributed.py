@@ -42,6 +42,9 @@ class DistributedEngine(Engine):
         if batch % self.replicas:
             raise UsageError(f"batch size {batch} does not split evenly over {self.replicas} replicas: "
                              f"use a multiple of {self.replicas}")
+        if not callable(step_fn):
+            raise UsageError("step phases (a list of step functions) run on one device; under a strategy give one "
+                             "step function")
         self._grad_variables: dict[str, list] = {}
         self._gather_spread = None
         with strategy.scope():
@@ -82,7 +85,7 @@ class DistributedEngine(Engine):
         sums = finiteness_sum(list(logs.values()), [g for pairs in grads.values() for g, _ in pairs])
         return logs, {name: [g for g, _ in pairs] for name, pairs in grads.items()}, sums
 
-    def compute_checked(self, batch):
+    def compute_checked(self, batch, phase: int = 0, draws: int = 0):
         """Run the step on every replica's slice; all-reduce the finiteness sum (one branch everywhere)."""
         logs, grads, sums = self.strategy.run(lambda b: self._replica_gradients(self._slice(b)), args=(batch,))
         finite = tf.math.is_finite(self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None))

@@ -84,6 +84,13 @@ def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, see
     return Feed(stream, batch_size, per_epoch, data.source, fingerprint(data))
 
 
+def batch_feed(batch) -> Feed:
+    """A Feed that repeats one batch: what builds the engine for steps on batches the caller makes."""
+    size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
+    ds = tf.data.Dataset.from_tensors(batch).repeat()
+    return Feed(ds, size, 1, "batches given one at a time", f"one-step batches {ds.element_spec}")
+
+
 def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epoch, source) -> Feed:
     given = ds
     dim = check_shapes(ds.element_spec, "training")

@@ -63,16 +63,18 @@ class PreflightReport:
 
 def outputs(engine, batch) -> dict:
     """The step's losses and gradients for `batch` in inference mode, by name; applies nothing."""
-    logs, grads = engine.compute(batch, training=False)
-    out = {f"loss {name}": value for name, value in logs.items()}
-    several = len(grads) > 1
-    for optimizer, pairs in grads.items():
-        for g, v in pairs:
-            values = tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-            label = f"gradient {optimizer + ':' if several else ''}{getattr(v, 'path', None) or v.name}"
-            if label in out:   # unnamed tf.Variables all share the name 'Variable:0'
-                label += f" #{sum(1 for k in out if k.startswith(label))}"
-            out[label] = values
+    out = {}
+    for phase in range(len(engine.phases)):   # every phase from the same weights (nothing is applied here)
+        logs, grads = engine.compute(batch, training=False, phase=phase)
+        out.update({f"loss {name}": value for name, value in logs.items()})
+        several = len(grads) > 1 or len(engine.phases) > 1
+        for optimizer, pairs in grads.items():
+            for g, v in pairs:
+                values = tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                label = f"gradient {optimizer + ':' if several else ''}{getattr(v, 'path', None) or v.name}"
+                if label in out:   # unnamed tf.Variables all share the name 'Variable:0'
+                    label += f" #{sum(1 for k in out if k.startswith(label))}"
+                out[label] = values
     return out
 
 
@@ -92,15 +94,21 @@ def check(engine, batch, precision: str, warm_up=None) -> PreflightReport:
         compiled = {k: np.asarray(v, np.float64) for k, v in compiled_fn(batch).items()}
     else:
         box: dict = {}
-        worker = threading.Thread(target=lambda: box.update(compiled_fn(batch)), name="fastcore-preflight")
+
+        def run():
+            try:
+                box["out"] = compiled_fn(batch)
+            except Exception as e:   # noqa: BLE001 (raised again on the caller's thread, below)
+                box["error"] = e
+        worker = threading.Thread(target=run, name="fastcore-preflight")
         worker.start()
         try:
             warm_up()
         finally:
             worker.join()
-        if len(box) == 0:
-            raise RuntimeError("the pre-flight's compiled run did not finish")
-        compiled = {k: np.asarray(v, np.float64) for k, v in box.items()}
+        if "error" in box:   # a bad step or batch says so in its own words, not as a thread's traceback
+            raise box["error"]
+        compiled = {k: np.asarray(v, np.float64) for k, v in box["out"].items()}
     state.restore()
     eager = {k: np.asarray(v, np.float64) for k, v in outputs(engine, batch).items()}
     state.restore()

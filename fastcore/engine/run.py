@@ -163,21 +163,12 @@ class Run:
     def identity(self) -> dict:
         """What makes a run the same run on resume: the options' IDENTITY fields (with the values in use),
         the data, K, models and optimizers, and the caller's extras."""
-        def optimizer(opt):
-            inner = getattr(opt, "inner_optimizer", opt)
-            config = inner.get_config() if hasattr(inner, "get_config") else {}
-            keep = {k: v for k, v in config.items() if k not in ("name",) and isinstance(v, (int, float, str, bool))}
-            return {"class": type(inner).__name__, **keep}
         data = self.feed.fingerprint
         first = first_batch_digest(self.feed.user_dataset) if self.feed.user_dataset is not None else None
         if first:
             data += f", first batch {first}"
-        return {**identity_fields(*self.identity_records, self.options, batch_size=self.feed.batch_size),
-                "data": data, "steps_per_call": self.k,
-                "models": {n: f"{type(m).__name__} " + " ".join(str(v.shape.as_list()) for v in m.trainable_variables)
-                           for n, m in self.engine.models.items()},
-                "optimizers": {n: optimizer(o) for n, o in self.engine.optimizers.items()},
-                **dict(self.options.identity or {})}
+        return {**engine_identity(self.engine, (*self.identity_records, self.options), self.feed.batch_size, self.k),
+                "data": data, **dict(self.options.identity or {})}
 
     def _completed(self, checkpoint_dir: str, total: int, run_dir: str | None, identity: dict) -> FitResult | None:
         """A resume of a run that already reached `total` steps changes nothing and says so."""
@@ -198,6 +189,20 @@ class Run:
                                 f"changed (give more epochs or steps to extend it)")
             return FitResult(previous["history"], previous, run_dir)
         return None
+
+
+def engine_identity(engine, records: tuple, batch_size: int, k: int) -> dict:
+    """The part of a run's identity its engine and option records give: IDENTITY fields (the batch size in
+    use), K, the models' variable shapes and the optimizers' settings."""
+    def optimizer(opt):
+        inner = getattr(opt, "inner_optimizer", opt)
+        config = inner.get_config() if hasattr(inner, "get_config") else {}
+        keep = {k: v for k, v in config.items() if k not in ("name",) and isinstance(v, (int, float, str, bool))}
+        return {"class": type(inner).__name__, **keep}
+    return {**identity_fields(*records, batch_size=batch_size), "steps_per_call": k,
+            "models": {n: f"{type(m).__name__} " + " ".join(str(v.shape.as_list()) for v in m.trainable_variables)
+                       for n, m in engine.models.items()},
+            "optimizers": {n: optimizer(o) for n, o in engine.optimizers.items()}}
 
 
 def first_batch_digest(ds: tf.data.Dataset) -> str | None:

@@ -13,8 +13,10 @@ the compiled path and the eager twin alike (they call the very same Python code)
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -46,6 +48,8 @@ class StepContext:
     training:            False only in fastcore's pre-flight check; pass it to your models
                          (`model(x, training=ctx.training)`) so random layers stay quiet there.
     global_batch_size:   divide summed per-example losses by it (stays right under tf.distribute).
+    example_weights:     in evaluation, the batch's [B] example weights (0 on padded rows), e.g. for the
+                         sample_weight of stateful metrics; None in training.
     """
 
     def __init__(self, engine: "Engine", training: bool):
@@ -54,6 +58,7 @@ class StepContext:
         self.training = training
         self.global_batch_size = engine.global_batch_size
         self.scaled: set[str] = set()
+        self.example_weights = None
         self._draws = 0
 
     @property
@@ -172,7 +177,10 @@ EvalFn = Callable[[Any, StepContext], Mapping[str, Any]]
 class Engine:
     """Compiled train/eval calls for one step function over named models and optimizers.
 
-    `step_fn(batch, ctx) -> Update`; `eval_fn(batch, ctx) -> {name: per-example [B] values}` (optional).
+    `step_fn(batch, ctx) -> Update`, or phases: a list of step functions, each optionally as (fn, repeat),
+    whose updates apply in turn within one step (e.g. [(critic_step, 3), generator_step]: the critic
+    updated 3 times per generator update, each update guarded);
+    `eval_fn(batch, ctx) -> {name: per-example [B] values}` (optional).
     `mode`: xla (tf.function(jit_compile=True)), graph (plain tf.function) or eager (the reference twin).
     """
 
@@ -182,6 +190,7 @@ class Engine:
             raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.models, self.optimizers, self.mode = models, optimizers, mode
         self.step_fn, self.eval_fn = step_fn, eval_fn
+        self.phases = phases(step_fn)
         self.global_batch_size, self.seed, self.loss_scaling = global_batch_size, seed, loss_scaling
         self.ledger = TraceLedger()
         self.loss_names: tuple[str, ...] = ()   # the step's losses (not its other logs), known once traced
@@ -194,6 +203,8 @@ class Engine:
         # runs but applies nothing and counts no step.
         self.updates_on = tf.Variable(True, trainable=False, name="updates_on")
         self._build_optimizers()
+        for optimizer in optimizers.values():
+            _refuse_inside_step(optimizer)
         self._log_names: tuple[str, ...] | None = None
         self._eval_names: tuple[str, ...] | None = None
         self.train_one = self._compile(self._trace_counted("train", self.train_call_one))
@@ -255,10 +266,13 @@ class Engine:
         return self.seed
 
     # -- one step ------------------------------------------------------------------------------------
-    def compute(self, batch, training: bool = True) -> tuple[dict, dict]:
-        """Run the user's step: ({log name: scalar}, {optimizer name: [(grad, var)]}); applies nothing."""
+    def compute(self, batch, training: bool = True, phase: int = 0, draws: int = 0) -> tuple[dict, dict]:
+        """Run the user's step (phase `phase`): ({log name: scalar}, {optimizer name: [(grad, var)]});
+        applies nothing. `draws`: ctx.seed()'s first draw number (distinct per repeat within a step)."""
         ctx = StepContext(self, training)
-        update = self.step_fn(batch, ctx)
+        ctx._draws = draws
+        with _user_step():
+            update = self.phases[phase][0](batch, ctx)
         if not isinstance(update, Update):
             raise UsageError(f"the step function returned {type(update).__name__}: return "
                              f"fastcore.Update(loss=..., gradients=zip(grads, variables))")
@@ -294,18 +308,24 @@ class Engine:
         return out
 
     def train_step(self, batch) -> dict:
-        """One step on one batch: compute, check, apply. Returns {name: scalar} (losses and logs)."""
-        logs, grads, finite = self.compute_checked(batch)
-        self.steps.assign_add(tf.cast(self.updates_on, tf.int64))
-        if self.loss_scaling:
-            self._apply_scaled(grads, finite)
-        else:
-            self._apply_if_finite(finite, grads)
+        """One step on one batch: compute, check, apply (each phase in turn, each repeat guarded; the step
+        counts once). Returns {name: scalar} (losses and logs; a repeated phase's from its last repeat)."""
+        logs = {}
+        calls = [index for index, (_, repeat) in enumerate(self.phases) for _ in range(repeat)]
+        for n, index in enumerate(calls):
+            phase_logs, grads, finite = self.compute_checked(batch, index, draws=n * DRAWS_PER_CALL)
+            if n == 0:
+                self.steps.assign_add(tf.cast(self.updates_on, tf.int64))
+            if self.loss_scaling:
+                self._apply_scaled(grads, finite)
+            else:
+                self._apply_if_finite(finite, grads)
+            logs.update(phase_logs)
         return logs
 
-    def compute_checked(self, batch) -> tuple[dict, dict, tf.Tensor]:
+    def compute_checked(self, batch, phase: int = 0, draws: int = 0) -> tuple[dict, dict, tf.Tensor]:
         """The step's logs and gradients, and whether every loss and gradient is finite."""
-        logs, grads = self.compute(batch)
+        logs, grads = self.compute(batch, phase=phase, draws=draws)
         return logs, grads, _all_finite(list(logs.values()), [g for pairs in grads.values() for g, _ in pairs])
 
     def _apply(self, grads) -> None:
@@ -351,7 +371,8 @@ class Engine:
     def log_names(self, batch_spec) -> tuple[str, ...]:
         """The names a step logs, found by tracing the step function once in a throwaway graph."""
         if self._log_names is None:
-            fn = tf.function(lambda b: self.compute(b)[0], autograph=False)
+            fn = tf.function(lambda b: {k: v for i in range(len(self.phases)) for k, v in self.compute(b, phase=i)[0].items()},
+                             autograph=False)
             self._log_names = tuple(fn.get_concrete_function(batch_spec).structured_outputs)
         return self._log_names
 
@@ -375,9 +396,11 @@ class Engine:
 
     def eval_call(self, batch, weights) -> tf.Tensor:
         """[weighted sum of each eval value..., weight sum] for one padded batch (weight 0 on padding)."""
-        values = self.eval_fn(batch, StepContext(self, training=False))
-        self._eval_names = tuple(values)
         w = tf.cast(weights, tf.float32)
+        ctx = StepContext(self, training=False)
+        ctx.example_weights = w
+        values = self.eval_fn(batch, ctx)
+        self._eval_names = tuple(values)
         sums = [tf.reduce_sum(per_example_values(v) * w) for v in values.values()]
         return tf.stack(sums + [tf.reduce_sum(w)])
 
@@ -401,6 +424,56 @@ class Engine:
         # No AutoGraph (as in Keras 3's train step): errors raised while tracing the step keep their type
         # and one-line message; data-dependent branches in a step function use tf.cond / tf.where.
         return tf.function(fn, jit_compile=self.mode == "xla", autograph=False)
+
+
+DRAWS_PER_CALL = 64   # ctx.seed() draws one phase call may make before the next call's would repeat them
+
+
+def phases(step_fn) -> list[tuple[Callable, int]]:
+    """[(step function, repeat)] from one step function or a list of them (each fn or (fn, repeat))."""
+    if callable(step_fn):
+        return [(step_fn, 1)]
+    out = []
+    for item in step_fn or ():
+        fn, repeat = item if isinstance(item, tuple) else (item, 1)
+        if not callable(fn) or not isinstance(repeat, int) or repeat < 1:
+            raise UsageError(f"step phase {item!r}: give a step function or (step function, repeats >= 1)")
+        out.append((fn, repeat))
+    if not out:
+        raise UsageError("step=[]: give a step function, or a list of them (each fn or (fn, repeats))")
+    return out
+
+
+_inside = threading.local()
+
+
+@contextlib.contextmanager
+def _user_step():
+    """Marks this thread as running the user's step function (see _refuse_inside_step)."""
+    _inside.active = True
+    try:
+        yield
+    finally:
+        _inside.active = False
+
+
+def _refuse_inside_step(optimizer) -> None:
+    """An optimizer's apply_gradients called from inside a step function would bypass the finiteness guard,
+    loss scaling and the step counter: refuse it in one line (the engine applies what the step returns)."""
+    for name in ("apply_gradients", "apply"):
+        method = getattr(optimizer, name, None)
+        if method is None or getattr(method, "_fastcore_refusing", False):
+            continue
+
+        def refusing(*args, _method=method, _name=name, **kwargs):
+            if getattr(_inside, "active", False):
+                raise UsageError(f"the step function called optimizer.{_name}(): return the gradients in "
+                                 f"fastcore.Update(gradients=...) instead, so the finiteness guard, loss scaling and "
+                                 f"the step counter see them (several updates per step: step=[(critic_step, n), "
+                                 f"generator_step])")
+            return _method(*args, **kwargs)
+        refusing._fastcore_refusing = True
+        setattr(optimizer, name, refusing)
 
 
 def _losses(loss) -> dict:
