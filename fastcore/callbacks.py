@@ -12,6 +12,9 @@ class Callback:
     def on_train_begin(self, loop) -> None:
         """Before the first call (after a resume has restored the state)."""
 
+    def on_epoch_begin(self, loop) -> None:
+        """Before the first call of an epoch (`loop.epoch_index` is its 0-based number)."""
+
     def on_call_begin(self, loop) -> None:
         """Before a compiled call's batch is fetched."""
 

@@ -18,16 +18,18 @@ def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
     return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
 
 
+@keras.saving.register_keras_serializable(package="fastcore")
 class Dropout(keras.layers.Layer):
     """Drop-in for keras.layers.Dropout: same semantics, a mask identical compiled and eager.
 
     The draw counter lives in a Keras SeedGenerator (a variable of the model), so it is checkpointed
-    and a resumed run draws the masks the uninterrupted run would have drawn.
+    and a resumed run draws the masks the uninterrupted run would have drawn. Registered with Keras, so a
+    model holding it saves to `.keras` and loads back (`keras.models.load_model`).
     """
 
     def __init__(self, rate: float, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.rate = rate
+        self.rate, self.seed = rate, seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, x, training=False):
@@ -36,7 +38,7 @@ class Dropout(keras.layers.Layer):
         return dropout(x, self.rate, self.seed_generator.next())
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate}
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 def _in_xla() -> bool:
@@ -70,6 +72,7 @@ def matmul(x, w):
     return tf.matmul(x, tf.cast(w, x.dtype))
 
 
+@keras.saving.register_keras_serializable(package="fastcore")
 class Dense(keras.layers.Dense):
     """keras.layers.Dense whose bfloat16 matmul is `matmul` above (same weights, same variables)."""
 

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from fastcore.callbacks import Callback
-from fastcore.engine import autoprecision, checkpoint, feeding, preflight, verify as verifying
+from fastcore.engine import autoprecision, checkpoint, feeding, inference, preflight, verify as verifying
 from fastcore.engine.assembly import Assembly
-from fastcore.engine.loss_step import unpack
+from fastcore.engine import loss_step as loss_steps, sample_weights
+from fastcore import keras_callbacks
 from fastcore.engine.online import OnlineSteps
 from fastcore.engine.precision import Precision
 from fastcore.engine.run import FitResult, Run, engine_identity
@@ -70,9 +71,10 @@ class Trainer:
     def __init__(self, model, optimizer, loss=None, *, metrics=None, step: Callable | None = None,
                  eval_step: Callable | None = None, precision: str = "float32", mode: str = "xla",
                  steps_per_call: int | None = None, seed: int = 0, preflight: bool = True, strategy=None,
-                 max_shapes: int = 8):
+                 max_shapes: int = 8, loss_weights=None, weighted_metrics=None):
         self.options = TrainerOptions(precision, mode, steps_per_call, seed, preflight, max_shapes)
-        self.assembly = Assembly(model, optimizer, loss, metrics, step, eval_step, seed, strategy, mode)
+        self.assembly = Assembly(model, optimizer, loss, metrics, step, eval_step, seed, strategy, mode,
+                                 loss_weights=loss_weights, weighted_metrics=weighted_metrics, max_shapes=max_shapes)
         self.engine: Engine | None = None
         self.precision: Precision | None = None
         self.preflight_report: preflight.PreflightReport | None = None
@@ -107,10 +109,12 @@ class Trainer:
         for `feed`'s batch size. fit() and verify() call it; call it first to read `trainer.precision`.
         `resume_from`: a checkpoint folder whose recorded precision `auto` adopts."""
         if self.engine is not None:
-            if self.engine.global_batch_size != feed.batch_size:
-                raise UsageError(f"this Trainer compiled its step for batch size {self.engine.global_batch_size}; "
+            if self.engine.global_batch_size == feed.batch_size:
+                return self.engine
+            if int(self.engine.steps.numpy()) or self._online_steps is not None:
+                raise UsageError(f"this Trainer trained with batch size {self.engine.global_batch_size}; "
                                  f"got {feed.batch_size}: use a new Trainer for another batch size")
-            return self.engine
+            self.engine = None   # built for evaluate/predict only: build again for this batch size
         recorded = checkpoint.recorded_precision(resume_from) if resume_from else None
         k = self._steps_per_call(feed)
         self.precision = autoprecision.decide(self.options.precision, self.mode, self.assembly,
@@ -127,17 +131,18 @@ class Trainer:
         return self.engine
 
     def _steps_per_call(self, feed: feeding.Feed) -> int:
-        return feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, self.options.steps_per_call)
+        return feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, self.options.steps_per_call,
+                                      varying=bool(feed.varying))
 
     def feed(self, x, y=None, *, batch_size: int | None = None, steps_per_epoch: int | None = None,
-             source: str | None = None) -> feeding.Feed:
+             source: str | None = None, sample_weight=None) -> feeding.Feed:
         """The training stream fit() would use (K batches stacked per element when steps_per_call > 1);
         fit(), verify() and build() accept it in place of x, so data is loaded once."""
         if isinstance(x, feeding.Feed):
             return x
         def make(k):
             return feeding.training_feed(x, y, batch_size=batch_size, steps_per_call=k, seed=self.options.seed,
-                                         steps_per_epoch=steps_per_epoch, source=source)
+                                         steps_per_epoch=steps_per_epoch, source=source, sample_weight=sample_weight)
         probe = make(1)
         k = self._steps_per_call(probe)
         return probe if k == 1 else make(k)
@@ -205,7 +210,7 @@ class Trainer:
             steps_per_epoch: int | None = None, steps: int | None = None, run_dir: str | None = None,
             checkpoint_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
             profile_steps: str | None = None, summary_every: int | None = None,
-            deterministic: bool = False) -> FitResult:
+            deterministic: bool = False, sample_weight=None, class_weight=None) -> FitResult:
         """Train; Keras' arguments plus fastcore's few. Returns FitResult(history, summary, run_dir).
 
         x, y: numpy arrays (in-memory fast path), or x a tf.data.Dataset of batches (tuples or dicts) and
@@ -226,22 +231,34 @@ class Trainer:
                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                              profile_steps=profile_steps, summary_every=summary_every,
                              deterministic=deterministic, verbose=verbose)
-        return self.run(x, y, options, validation_data=validation_data, callbacks=callbacks)
+        return self.run(x, y, options, validation_data=validation_data, callbacks=callbacks,
+                        sample_weight=sample_weight, class_weight=class_weight)
 
     def run(self, x, y=None, options: FitOptions = FitOptions(), *, validation_data=None,
-            callbacks: Sequence[Callback] = ()) -> FitResult:
+            callbacks: Sequence[Callback] = (), sample_weight=None, class_weight=None) -> FitResult:
         """fit() with its options as one record (fastcore.options.FitOptions), including the caller's
         summary head, identity extras and output stream; the CLI trains through this."""
         self.warm_up_seconds = None
+        if class_weight is not None:
+            sample_weights.check(class_weight, sample_weight)
+            if feeding.is_dataset(x):
+                x = sample_weights.for_dataset(x, class_weight)
+            else:
+                sample_weight = sample_weights.for_arrays(y, class_weight)
         feed = self.feed(x, y, batch_size=options.batch_size, steps_per_epoch=options.steps_per_epoch,
-                         source=options.train_source)
+                         source=options.train_source, sample_weight=sample_weight)
         self._k = self._steps_per_call(feed)
         if self.assembly.loss is not None:
-            unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
+            loss_steps.unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
         run = Run(None, feed, self._k, None, self.mode, options, strategy=self.strategy,
                   identity_records=(self.options,))
         engine = self.build(feed, resume_from=run.checkpoint_dir if options.resume else None)
         run.engine, run.precision, run.mode = engine, self.precision, self.run_mode
+        engine.ledger.varying_shapes = bool(feed.varying)
+        if self.assembly.loss is not None:
+            loss_steps.check(engine, feed.dataset.element_spec, stacked=self._k > 1)
+        epochs = options.epochs if options.steps is None else -(-options.steps // feed.steps_per_epoch)
+        callbacks = keras_callbacks.adapt(callbacks, engine, epochs=epochs, steps_per_epoch=feed.steps_per_epoch)
         if validation_data is not None:
             if engine.eval_fn is None:
                 raise UsageError("validation_data needs an eval_step (a step function has no default evaluation)")
@@ -250,6 +267,21 @@ class Trainer:
             run.preflight = self.preflight
         run.warm_up_seconds = lambda: self.warm_up_seconds
         return run.fit(callbacks)
+
+    # -- Keras' evaluate and predict ----------------------------------------------------------------------
+    def evaluate(self, x=None, y=None, batch_size: int | None = None, sample_weight=None, return_dict: bool = True):
+        """Keras' evaluate: the loss and metrics over every example exactly once, compiled (XLA under
+        mode="xla"); arrays (x, y) or a dataset of batches. Before any training it builds the step."""
+        engine = self.engine or self.build(self.feed(x, y, batch_size=batch_size, sample_weight=sample_weight))
+        return inference.evaluate(engine, x, y, batch_size=batch_size, sample_weight=sample_weight,
+                                  return_dict=return_dict)
+
+    def predict(self, x, batch_size: int | None = None, model: str | None = None):
+        """Keras' predict: every example's outputs in order (numpy), one compiled forward per input shape;
+        `model` names one of several models. Needs the step built (fit, evaluate or train_on_batch first)."""
+        if self.engine is None:
+            raise UsageError("predict needs the trained models: call fit(), evaluate() or train_on_batch() first")
+        return inference.predict(self.engine, x, batch_size=batch_size, model=model)
 
     # -- steps on batches the caller makes ---------------------------------------------------------------
     def train_on_batch(self, batch) -> dict[str, float]:
@@ -285,5 +317,6 @@ class Trainer:
 
 def _evaluation_batches(validation_data, batch_size):
     if isinstance(validation_data, tuple) and not feeding.is_dataset(validation_data[0]):
-        return feeding.eval_batches(validation_data[0], validation_data[1], batch_size=batch_size)
+        return feeding.eval_batches(validation_data[0], validation_data[1], batch_size=batch_size,
+                                    sample_weight=validation_data[2] if len(validation_data) == 3 else None)
     return feeding.eval_batches(validation_data, batch_size=batch_size)

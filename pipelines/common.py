@@ -30,7 +30,8 @@ PREFETCH = 2  # batches ready ahead; see the module docstring
 
 
 def train_stream(data: Arrays, batch_size: int, seed: int, steps_per_call: int = 1):
-    """Infinite (x, y) batches [B, ...]; with steps_per_call K > 1, K batches stacked [K, B, ...]."""
+    """Infinite (x, y) batches [B, ...] ((x, y, sample_weight) when the arrays carry weights; x and y may be
+    dicts or lists of arrays); with steps_per_call K > 1, K batches stacked [K, B, ...]."""
     import tensorflow as tf
 
     n = len(data)
@@ -39,7 +40,7 @@ def train_stream(data: Arrays, batch_size: int, seed: int, steps_per_call: int =
                         f'({data.source}): lower --batch-size')
     if steps_per_call < 1:
         raise DataError(f'steps per call must be at least 1, got {steps_per_call}')
-    x, y = _hold(data.x), _hold(data.y)
+    held = tf.nest.map_structure(_hold, data.columns)
     per_epoch = n // batch_size
 
     def epoch_batches(epoch):
@@ -51,25 +52,28 @@ def train_stream(data: Arrays, batch_size: int, seed: int, steps_per_call: int =
     ds = tf.data.Dataset.range(2**62).flat_map(epoch_batches)
     if steps_per_call > 1:
         ds = ds.batch(steps_per_call, drop_remainder=True)
-    ds = ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+    ds = ds.map(lambda i: tf.nest.map_structure(lambda v: tf.gather(v, i), held))
     return ds.prefetch(PREFETCH).with_options(_options())
 
 
 def eval_stream(data: Arrays, batch_size: int):
-    """Every example once, in order, as (x, y, w) [B, ...]; the last batch is zero-padded with w = 0."""
+    """Every example once, in order, as (x, y, w) [B, ...] ((x, y, sample_weight, w) when the arrays carry
+    weights); the last batch is padded with copies of real rows, w = 0."""
     import tensorflow as tf
 
     n = len(data)
     pad = -n % batch_size
     weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    x, y, w = _padded(data.x, pad), _padded(data.y, pad), _hold(weights)
+    held = tf.nest.map_structure(lambda a: _padded(a, pad), data.columns) + (_hold(weights),)
     ds = tf.data.Dataset.range(0, n + pad, batch_size).map(
-        lambda start: tuple(v[start:start + batch_size] for v in (x, y, w)))
+        lambda start: tf.nest.map_structure(lambda v: v[start:start + batch_size], held))
     return ds.prefetch(PREFETCH).with_options(_options())
 
 
 def _padded(a: np.ndarray, pad: int):
-    return _hold(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a)
+    """`a` and `pad` more rows copied from its first ones: real rows, so a padded row cannot turn a weighted
+    sum into NaN (an all-zero row can: a masked average over no token is 0/0, and NaN * weight 0 is NaN)."""
+    return _hold(np.concatenate([a, a[np.arange(pad) % len(a)]]) if pad else a)
 
 
 def _hold(a: np.ndarray):

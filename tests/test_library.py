@@ -188,14 +188,6 @@ def test_a_short_last_batch_is_dropped_in_training_and_counted_once_in_evaluatio
     assert result.history[-1]["eval_sq"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_dimension_that_varies_is_named_before_the_first_step():
-    ds = tf.data.Dataset.from_generator(lambda: iter([(np.zeros((8, 3), np.float32), np.zeros((8, 1), np.float32))]),
-                                        output_signature=(tf.TensorSpec([8, None]), tf.TensorSpec([8, 1])))
-    trainer = fastcore.Trainer(PlainMLP(), keras.optimizers.SGD(0.01), loss=my_loss)
-    with pytest.raises(fastcore.UsageError, match="dimension 1 varies"):
-        trainer.fit(ds, steps=1, verbose=False)
-
-
 def test_an_infinite_dataset_without_steps_per_epoch_is_one_clear_line():
     x, y = regression_data()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True).repeat()

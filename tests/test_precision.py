@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 
 import pipelines
-from fastcore import trainer as trainer_module
 from fastcore.cli import plan as run, session
 from fastcore.engine import precision
 from fastcore.observe import calibrate
@@ -42,10 +41,8 @@ def test_unknown_precision_is_refused():
 
 @pytest.mark.parametrize("mode", ["xla", "eager"])
 def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
-    p = run.plan(run.RunConfig("higgs", data_dir=data_dir, precision="float16", train_split="train[:1000]",
+    p = run.plan(run.RunConfig("higgs", data_dir=data_dir, precision="float16", mode=mode, train_split="train[:1000]",
                                eval_split="train[1000:1500]"))
-    p.trainer.mode = mode
-    p.trainer.engine = None
     step = p.trainer.build(p.feed)
     x, y = next(iter(pipelines.train_stream(p.train, p.batch_size, 0)))
     step.train_one((x, y))   # builds everything, one good step
@@ -62,7 +59,7 @@ def test_float16_skips_a_non_finite_step_and_lowers_the_scale(data_dir, mode):
 def test_auto_lets_the_tasks_own_step_decide(data_dir, monkeypatch, tmp_path):
     """When the matmul peaks propose bfloat16, the faster of the two timed steps wins."""
     from fastcore.engine import autoprecision
-    monkeypatch.setattr(trainer_module, "resolve", lambda name, xla, graph_bf16: precision.Precision("bfloat16", "auto: peaks say so"))
+    monkeypatch.setattr(autoprecision, "resolve", lambda name, xla, graph_bf16: precision.Precision("bfloat16", "auto: peaks say so"))
     config = run.RunConfig("mnist", data_dir=data_dir, train_split="test[:640]", eval_split="test[640:700]",
                            steps_per_call=4)
     def step_keys():   # other runs of the session (e.g. --threads auto's timing children) cache theirs too

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from fastcore.engine.loss_step import loss_eval, loss_step, named_metrics
+from fastcore.engine.metrics import Metrics
 from fastcore.engine.precision import Precision
 from fastcore.engine.step import Engine
 from fastcore.errors import UsageError
@@ -24,7 +25,8 @@ class Assembly:
     """What a Trainer was given, checked once; builds models, optimizers and engines from it."""
 
     def __init__(self, model, optimizer, loss=None, metrics=None, step: Callable | None = None,
-                 eval_step: Callable | None = None, seed: int = 0, strategy=None, mode: str = "xla"):
+                 eval_step: Callable | None = None, seed: int = 0, strategy=None, mode: str = "xla",
+                 loss_weights=None, weighted_metrics=None, max_shapes: int = 8):
         if (loss is None) == (step is None):
             raise UsageError("give either loss= (fastcore writes the step) or step= (your step function), not "
                              + ("both" if loss is not None else "neither"))
@@ -36,8 +38,9 @@ class Assembly:
         if loss is not None and len(self.model_specs) != 1:
             raise UsageError("loss= trains one model; with several models, write a step function (step=)")
         self.loss, self.metrics = loss, named_metrics(metrics)
+        self.loss_weights, self.weighted_metrics = loss_weights, named_metrics(weighted_metrics)
         self.step_fn, self.eval_fn = step, eval_step
-        self.seed, self.strategy = seed, strategy
+        self.seed, self.strategy, self.max_shapes = seed, strategy, max_shapes
         if strategy is not None:
             check_distributable(strategy, self.model_specs, self.optimizer_specs, mode)
 
@@ -94,9 +97,12 @@ class Assembly:
         step_fn, eval_fn = self.step_fn, self.eval_fn
         if self.loss is not None:
             model = next(iter(models.values()))
-            step_fn, eval_fn = loss_step(model, self.loss), loss_eval(model, self.loss, self.metrics)
+            metrics = Metrics(self.metrics, self.weighted_metrics)
+            train_metrics = None if distributed and self.strategy is not None else metrics
+            step_fn = loss_step(model, self.loss, metrics=train_metrics, loss_weights=self.loss_weights)
+            eval_fn = loss_eval(model, self.loss, metrics, loss_weights=self.loss_weights)
         settings = dict(eval_fn=eval_fn, mode=mode, global_batch_size=batch_size, seed=self.seed,
-                        loss_scaling=precision.loss_scaling)
+                        loss_scaling=precision.loss_scaling, max_shapes=self.max_shapes)
         if distributed and self.strategy is not None:
             from fastcore.engine.distributed import DistributedEngine
             return DistributedEngine(self.strategy, models, optimizers, step_fn, **settings)

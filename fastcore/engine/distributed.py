@@ -102,13 +102,14 @@ class DistributedEngine(Engine):
                 self.optimizers[name].apply_gradients(zip(gradients, self._grad_variables[name]))
         self.strategy.run(apply, args=(grads,))
 
-    def _apply_scaled(self, grads, finite) -> None:
+    def _apply_scaled(self, grads, finite) -> tf.Tensor:
         def apply(per_replica, finite):
             poison = tf.where(finite, 0.0, float("nan"))
             for name, gradients in per_replica.items():
                 self.optimizers[name].apply_gradients(
                     [(g + tf.cast(poison, g.dtype), v) for g, v in zip(gradients, self._grad_variables[name])])
         self.strategy.run(apply, args=(grads, finite))
+        return finite
 
     def _compile(self, fn):
         # Never jit_compile around strategy.run (see the module doc): the replica function is the XLA part.

@@ -2,14 +2,19 @@
 
 Knows no dataset or model. Counting is in steps: a call of K steps may end inside an epoch or
 span several (full-batch tasks), and evaluation runs after the call in which an epoch ended.
+Stateful metrics ride on the step and eval functions (`step_fn.metrics`, `eval_fn.metrics`: anything with
+`reset_state()` and `result() -> {name: float}`, e.g. fastcore.engine.metrics.Metrics): the loop resets them
+when an epoch begins and before each evaluation, and reads them once when the epoch ends.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import tensorflow as tf
 
 from fastcore.callbacks import Callback
+from fastcore.engine.metrics import create_variables
 from fastcore.observe.meter import Meter
 
 
@@ -40,6 +45,9 @@ class Loop:
     should_stop: object = None       # () -> bool, asked after each call (e.g. a SIGTERM arrived)
     ending_epoch: bool = False       # during on_call_end: whether this call ends an epoch (its eval follows)
     call_override: object = None     # set by a callback for the next call: (batch) -> logs, run instead
+    stop_training: bool = False      # set by a callback: the epoch ends after this call (with its evaluation)
+    non_finite_stops: bool = False   # set by a callback: a non-finite step ends the run (not NonFiniteLoss)
+    epoch_index: int = 0             # the 0-based number of the epoch in progress (or just ended)
 
     def __post_init__(self):
         self.meter = Meter(self.batch_size * self.steps_per_call, self.steps_per_call)
@@ -51,18 +59,25 @@ class Loop:
         return self.steps_done / self.steps_per_epoch
 
     def run(self) -> list[dict]:
+        spec = self.train_batches.element_spec
+        if self.steps_per_call > 1:   # K stacked batches per element: a step sees one
+            spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec)
+        create_variables(self.engine, spec)
         for cb in self.callbacks:
             cb.on_train_begin(self)
         calls = []   # per-call log tensors; read once per epoch, never per call
-        while self.steps_done < self.total_steps:   # a resumed run starts past 0
+        while self.steps_done < self.total_steps and not self.stop_training:   # a resumed run starts past 0
+            if not calls:
+                self._begin_epoch()
             for cb in self.callbacks:
                 cb.on_call_begin(self)
             batch = self.meter.timed_next(self.iterator)
             logs = self.meter.timed_call(self.call_override or self.train_fn, batch)
             self.call_override = None
             bad_step = int(self.engine.first_non_finite_step.numpy())   # one scalar per call, not per step
-            if bad_step >= 0:
+            if bad_step >= 0 and not self.non_finite_stops:
                 raise NonFiniteLoss(bad_step)
+            self.stop_training = self.stop_training or bad_step >= 0   # the guard applied nothing from bad_step on
             epochs_before = self.steps_done // self.steps_per_epoch
             self.steps_done += self.steps_per_call
             calls.append(logs)
@@ -70,22 +85,34 @@ class Loop:
                                  or self.steps_done >= self.total_steps)
             for cb in self.callbacks:
                 cb.on_call_end(self, logs)
-            if self.ending_epoch:
+            if self.ending_epoch or self.stop_training:
                 self._end_epoch(calls)
                 calls = []
             if self.should_stop is not None and self.should_stop() and self.steps_done < self.total_steps:
                 raise StopRequested()
         if not self.history:
             self._end_epoch(calls)
+        self._finalize_optimizers()
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.history
+
+    def _begin_epoch(self) -> None:
+        self.epoch_index = self.steps_done // self.steps_per_epoch
+        train_metrics = getattr(self.engine.step_fn, "metrics", None)
+        if train_metrics:
+            train_metrics.reset_state()
+        for cb in self.callbacks:
+            cb.on_epoch_begin(self)
 
     def _end_epoch(self, calls: list[dict]) -> None:
         logs = {"epoch": round(self.epoch, 3), "steps": self.steps_done}
         if calls:   # none when a resumed run had nothing left to do
             for name in calls[0]:
                 logs[f"train_{name}"] = float(tf.reduce_mean(tf.stack([c[name] for c in calls])))
+            train_metrics = getattr(self.engine.step_fn, "metrics", None)
+            if train_metrics:   # read before the evaluation resets them (they may be the same metrics)
+                logs.update({f"train_{name}": value for name, value in train_metrics.result().items()})
         if self.eval_batches is not None:
             logs.update(evaluate(self.engine, self.eval_batches))
         self.history.append(logs)
@@ -93,11 +120,28 @@ class Loop:
             cb.on_epoch_end(self, logs)
 
 
+    def _finalize_optimizers(self) -> None:
+        """As Keras' fit ends: an optimizer with `use_ema` puts its moving averages into the weights."""
+        scope = self.engine.strategy.scope() if hasattr(self.engine, "strategy") else contextlib.nullcontext()
+        with scope:
+            for name, optimizer in self.engine.optimizers.items():
+                if hasattr(optimizer, "finalize_variable_values"):
+                    optimizer.finalize_variable_values(list(self.engine.variables_for(name)))
+
+
 def evaluate(engine, batches: tf.data.Dataset) -> dict:
-    """Mean of each eval value over every example exactly once (padding has weight 0)."""
+    """Mean of each eval value over every example exactly once (padding has weight 0), and the eval
+    function's stateful metrics over the same examples."""
+    metrics = getattr(engine.eval_fn, "metrics", None)
+    if metrics:
+        create_variables(engine, batches.element_spec[0])
+        metrics.reset_state()
     totals = None
     for batch, weights in batches:
         sums = engine.evaluate(batch, weights)
         totals = sums if totals is None else totals + sums
     *sums, count = totals.numpy().tolist()
-    return {f"eval_{name}": value / count for name, value in zip(engine.eval_names, sums)}
+    logs = {f"eval_{name}": value / count for name, value in zip(engine.eval_names, sums)}
+    if metrics:
+        logs.update({f"eval_{name}": value for name, value in metrics.result().items()})
+    return logs

@@ -22,6 +22,7 @@ def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, c
     summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
                     "eval": {k_[len("eval_"):]: v for k_, v in final.items() if k_.startswith("eval_")},
                     "skipped_steps": engine.skipped_steps, "traces": engine.ledger.counts(),
+                    "input_shapes": engine.ledger.shapes(),
                     "checkpoint": checkpoints.latest if checkpoints else None,
                     "resumed_from": checkpoints.restored_from if checkpoints else None,
                     "resumed_from_step": checkpoints.restored_step if checkpoints else None,

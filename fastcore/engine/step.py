@@ -22,9 +22,11 @@ from typing import Any
 
 import tensorflow as tf
 
+from fastcore.engine import twin_random
 from fastcore.errors import UsageError
 
 MODES = ("xla", "graph", "eager")
+DEFAULT_MAX_SHAPES = 8   # input shapes a compiled function may be compiled for (see TraceLedger)
 
 
 @dataclasses.dataclass
@@ -143,17 +145,42 @@ def describe_argument(value) -> str:
 
 @dataclasses.dataclass
 class TraceLedger:
-    """How often each compiled function was traced, and with which input signature (one entry per argument)."""
+    """How often each compiled function was traced, and with which input signature (one entry per argument).
+
+    A function is compiled for at most `max_shapes` input signatures: the trace of one more raises a
+    UsageError (one line) before it compiles, so data whose shapes vary without bound fails at its first
+    shape past the cap instead of compiling again and again. With `varying_shapes` (the data's shapes vary
+    by design), a trace for a signature not seen before is a compile for a new shape, not a retrace.
+    """
     signatures: dict[str, list[tuple[str, ...]]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     arg_names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    max_shapes: int = DEFAULT_MAX_SHAPES
+    varying_shapes: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_shapes, int) or self.max_shapes < 1:
+            raise UsageError(f"max_shapes={self.max_shapes!r} must be a positive integer")
 
     def record(self, name: str, *args, names: tuple[str, ...] = ()) -> None:
-        self.signatures[name].append(tuple(describe_argument(a) for a in args))
+        signature = tuple(describe_argument(a) for a in args)
+        seen = self.signatures[name]
+        if signature not in seen and len(set(seen)) >= self.max_shapes:
+            labels = names or self.arg_names.get(name, ())
+            shown = ", ".join(f"{label}: {sig}" for label, sig in zip(labels, signature)) or ", ".join(signature)
+            raise UsageError(f"{name} would compile for shape {len(set(seen)) + 1} ({shown}), beyond "
+                             f"max_shapes={self.max_shapes}: pad the data to a few fixed lengths "
+                             f"(bucket_by_sequence_length with pad_to_bucket_boundary=True, or padded_batch with "
+                             f"padded_shapes), or raise max_shapes")
+        seen.append(signature)
         if names:
             self.arg_names[name] = tuple(names)
 
     def counts(self) -> dict[str, int]:
         return {name: len(sigs) for name, sigs in self.signatures.items()}
+
+    def shapes(self) -> dict[str, int]:
+        """How many input signatures (shapes) each function was compiled for."""
+        return {name: len(set(sigs)) for name, sigs in self.signatures.items()}
 
     def retraces(self) -> list[str]:
         """One line per trace after a function's first: which arguments changed from the trace before."""
@@ -161,6 +188,8 @@ class TraceLedger:
         for name, sigs in self.signatures.items():
             labels = self.arg_names.get(name, ())
             for n, (before, after) in enumerate(zip(sigs, sigs[1:]), start=2):
+                if self.varying_shapes and after not in sigs[:n - 1]:
+                    continue   # the first compile for one of the data's shapes
                 changed = [f"{labels[i] if i < len(labels) else f'argument {i}'}: {a} -> {b}"
                            for i, (a, b) in enumerate(zip(before, after)) if a != b]
                 if len(before) != len(after):
@@ -185,14 +214,14 @@ class Engine:
     """
 
     def __init__(self, models: dict, optimizers: dict, step_fn: StepFn, *, eval_fn: EvalFn | None = None,
-                 mode: str = "xla", global_batch_size: int, seed: int = 0, loss_scaling: bool = False):
+                 mode: str = "xla", global_batch_size: int, seed: int = 0, loss_scaling: bool = False,
+                 max_shapes: int = DEFAULT_MAX_SHAPES):
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.models, self.optimizers, self.mode = models, optimizers, mode
         self.step_fn, self.eval_fn = step_fn, eval_fn
-        self.phases = phases(step_fn)
         self.global_batch_size, self.seed, self.loss_scaling = global_batch_size, seed, loss_scaling
-        self.ledger = TraceLedger()
+        self.ledger = TraceLedger(max_shapes=max_shapes)
         self.loss_names: tuple[str, ...] = ()   # the step's losses (not its other logs), known once traced
         # Steps taken (skipped ones included), updates applied, and the first step whose loss or
         # gradient was not finite (-1: none). They live in the graph: the loop reads one scalar per call.
@@ -213,6 +242,15 @@ class Engine:
         # its own ledger entry, so it is never mistaken for a retrace of the training call.
         self.train_stepwise = self._compile(self._trace_counted("train (profile window)", self.train_call_one))
         self.evaluate = self._compile(self._trace_counted("eval", self.eval_call))
+
+    @property
+    def step_fn(self):
+        """The user's step function (or list of phases); setting it re-reads the phases."""
+        return self._step_fn
+
+    @step_fn.setter
+    def step_fn(self, step_fn) -> None:
+        self._step_fn, self.phases = step_fn, phases(step_fn)
 
     # -- state ---------------------------------------------------------------------------------------
     def _build_optimizers(self) -> None:
@@ -271,8 +309,9 @@ class Engine:
         applies nothing. `draws`: ctx.seed()'s first draw number (distinct per repeat within a step)."""
         ctx = StepContext(self, training)
         ctx._draws = draws
-        with _user_step():
-            update = self.phases[phase][0](batch, ctx)
+        with twin_random.xla_draws(self.mode == "xla"):   # the eager twin draws what XLA draws
+            with _user_step():
+                update = self.phases[phase][0](batch, ctx)
         if not isinstance(update, Update):
             raise UsageError(f"the step function returned {type(update).__name__}: return "
                              f"fastcore.Update(loss=..., gradients=zip(grads, variables))")
@@ -313,15 +352,35 @@ class Engine:
         logs = {}
         calls = [index for index, (_, repeat) in enumerate(self.phases) for _ in range(repeat)]
         for n, index in enumerate(calls):
+            held = self._hold_model_state()
             phase_logs, grads, finite = self.compute_checked(batch, index, draws=n * DRAWS_PER_CALL)
             if n == 0:
                 self.steps.assign_add(tf.cast(self.updates_on, tf.int64))
             if self.loss_scaling:
-                self._apply_scaled(grads, finite)
+                applied = self._apply_scaled(grads, finite)
             else:
-                self._apply_if_finite(finite, grads)
+                applied = self._apply_if_finite(finite, grads)
+            self._put_back_unless(applied, held)
             logs.update(phase_logs)
         return logs
+
+    def _hold_model_state(self) -> list:
+        """The values of the models' non-trainable variables before a step (BatchNormalization's moving
+        statistics, RNG states): the step's forward pass moves them whether or not its update is applied.
+        Nothing is held (no op added) for models without such variables."""
+        return [(v, tf.identity(v)) for v in self.model_variables if not v.trainable]
+
+    def _put_back_unless(self, applied, held: list) -> None:
+        """A step whose update is not applied (a non-finite step, a float16 overflow skip, the pre-flight's
+        warm-up with updates off) leaves every model variable as it was: its non-trainable ones are put back."""
+        if not held:
+            return
+
+        def put_back():
+            for v, value in held:
+                v.assign(value)
+            return tf.constant(False)
+        tf.cond(applied, lambda: tf.constant(True), put_back)
 
     def compute_checked(self, batch, phase: int = 0, draws: int = 0) -> tuple[dict, dict, tf.Tensor]:
         """The step's logs and gradients, and whether every loss and gradient is finite."""
@@ -332,15 +391,17 @@ class Engine:
         for name, pairs in grads.items():
             self.optimizers[name].apply_gradients(pairs)
 
-    def _apply_scaled(self, grads, finite) -> None:
+    def _apply_scaled(self, grads, finite) -> tf.Tensor:
         """Each LossScaleOptimizer skips a step whose gradients are not finite and lowers its scale. A NaN
-        anywhere poisons every optimizer's gradients, so all of them skip together."""
+        anywhere poisons every optimizer's gradients, so all of them skip together: applied iff `finite`."""
         poison = tf.where(finite, 0.0, float("nan"))
         for name, pairs in grads.items():
             self.optimizers[name].apply_gradients([(g + tf.cast(poison, g.dtype), v) for g, v in pairs])
+        return finite
 
-    def _apply_if_finite(self, finite, grads) -> None:
-        """Apply only while every step so far was finite: a NaN never reaches any weight."""
+    def _apply_if_finite(self, finite, grads) -> tf.Tensor:
+        """Apply only while every step so far was finite: a NaN never reaches any weight. Returns whether
+        the update was applied."""
         healthy = self.first_non_finite_step < 0
         on = self.updates_on
 
@@ -354,7 +415,9 @@ class Engine:
             self.first_non_finite_step.assign(tf.where(record, self.steps, self.first_non_finite_step))
             return tf.constant(False)
 
-        tf.cond(tf.logical_and(tf.logical_and(finite, healthy), on), apply, skip)
+        applied = tf.logical_and(tf.logical_and(finite, healthy), on)
+        tf.cond(applied, apply, skip)
+        return applied
 
     def _check_weights(self) -> None:
         """Once per compiled call, the updated weights must be finite too: an update can overflow although
