@@ -195,14 +195,15 @@ class Trainer:
         self._k = self._steps_per_call(feed)
         batches = list(feed.dataset.take(math.ceil(steps / self._k)))
         if self.strategy is not None:   # the distributed twin: the same steps on one device
-            single = self.assembly.twin(self.precision, self.run_mode, feed.batch_size)
+            single = self.assembly.twin(self.precision, self.run_mode, feed.batch_size, apart_from=engine.models)
             return verifying.verify_distributed(engine, single, batches, self.precision, self._k > 1)
         reference = None
         if self.precision.name != "float32":
             if not self.assembly.factories:
                 raise UsageError(f"verify in {self.precision.name} compares against a float32 reference built "
                                  f"from the model's factory: pass the model as a factory")
-            reference = self.assembly.twin(Precision("float32", "reference"), "eager", feed.batch_size)
+            reference = self.assembly.twin(Precision("float32", "reference"), "eager", feed.batch_size,
+                                           apart_from=engine.models)
         return verifying.verify(engine, batches, self.precision, self._k > 1, reference)
 
     def fit(self, x=None, y=None, *, batch_size: int | None = None, epochs: int = 1, verbose: bool = True,

@@ -25,6 +25,10 @@ LAST_LINE = {
     "higgs_custom_step.py": r"^eval accuracy: fastcore 0\.\d+  keras fit 0\.\d+  gap [+-]0\.\d+ \(target",
     "gan_two_optimizers.py": r"^generated mean \(.*\) std .*distance to \(2, 2\) 0\.\d+ .*"
                              r"iterations \{'gen': 2000, 'disc': 2000\}",
+    "actor_critic_cartpole.py": r"^episodes until the last 10 average >= 195: fastcore \d+  keras \d+; ms per update: "
+                                r"fastcore \S+  keras \S+ \(target: both <= 300, fastcore <= keras \+ 150\)$",
+    "bn_convnet_fashion.py": r"^test accuracy: fastcore 0\.\d+  keras fit 0\.\d+  gap [+-]0\.\d+; examples/s: "
+                             r"fastcore [\d,]+  keras fit [\d,]+ \(target: fastcore >= 0\.78, at most 0\.03 below keras\)$",
     "cnn_tfrecord.py": r"^eval accuracy 0\.\d+ on Fashion-MNIST test\[:2000\] \(target >= 0\.8\)$",
     "mnist_keras_free.py": r"^eval accuracy 0\.\d+ on MNIST test\[8000:\] \(target >= 0\.9\)$",
     "linear_keras_subclass.py": r"^W \d\.\d+ b \d\.\d+ \|W-3\| 0\.0\d+ \|b-2\| 0\.0\d+ \(target <= 0\.05\)$",

@@ -73,3 +73,18 @@ def test_saved_model_reloads_to_the_same_predictions(after_fit, tmp_path):
     serving = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
     (out,) = serving(tf.constant(x)).values()
     np.testing.assert_allclose(out.numpy(), net.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
+
+
+def test_auto_does_not_time_a_factory_that_returns_the_users_model(monkeypatch):
+    """`lambda: model` under precision="auto": timing bfloat16 would train the user's own model with throwaway
+    optimizers (measured: weights moved by 0.046) and time float32 twice; auto keeps float32 and says why."""
+    from fastcore.engine import autoprecision, precision
+    monkeypatch.setattr(autoprecision, "resolve", lambda name, xla, graph_bf16: precision.Precision("bfloat16", "auto: peaks"))
+    x, y = data()
+    net = model()
+    before = [v.numpy().copy() for v in net.variables]
+    trainer = fastcore.Trainer(lambda: net, keras.optimizers.Adam(), loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                               precision="auto")
+    trainer.build(trainer.feed(x, y, batch_size=32))
+    assert trainer.precision.name == "float32" and "same model each time" in trainer.precision.reason
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, net.variables))

@@ -108,9 +108,14 @@ class Assembly:
             return DistributedEngine(self.strategy, models, optimizers, step_fn, **settings)
         return Engine(models, optimizers, step_fn, **settings)
 
-    def twin(self, precision: Precision, mode: str, batch_size: int) -> Engine:
-        """A single-device engine with fresh models and optimizers (twins, references, timing)."""
-        return self.engine(precision, mode, batch_size, self.models(precision), self.optimizers(precision, fresh=True))
+    def twin(self, precision: Precision, mode: str, batch_size: int, apart_from: dict | None = None) -> Engine:
+        """A single-device engine with fresh models and optimizers (twins, references, timing); a factory
+        that hands back one of `apart_from`'s models (lambda: model) is refused: the twin would train it."""
+        models = self.models(precision)
+        if any(m is run_model for m in models.values() for run_model in (apart_from or {}).values()):
+            raise UsageError("the model factory returns the same model each time (lambda: model): a reference "
+                             "twin needs a function that builds a new one")
+        return self.engine(precision, mode, batch_size, models, self.optimizers(precision, fresh=True))
 
 
 def is_factory(spec) -> bool:
