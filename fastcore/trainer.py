@@ -23,7 +23,7 @@ from fastcore.engine import autoprecision, checkpoint, feeding, inference, prefl
 from fastcore.engine.assembly import Assembly
 from fastcore.engine import loss_step as loss_steps, sample_weights
 from fastcore import keras_callbacks
-from fastcore.engine.online import OnlineSteps
+from fastcore.engine.online import NothingBuilt, OnlineSteps
 from fastcore.engine.precision import Precision
 from fastcore.engine.run import FitResult, Run, engine_identity
 from fastcore.engine.step import Engine
@@ -81,7 +81,7 @@ class Trainer:
         self.warm_up_seconds: float | None = None
         self._built_models: dict | None = None
         self._k = 1   # steps per compiled call of the feed in use (set by fit / verify)
-        self._online_steps: OnlineSteps | None = None
+        self._online = OnlineSteps(self._built_for)
 
     @property
     def strategy(self):
@@ -111,7 +111,7 @@ class Trainer:
         if self.engine is not None:
             if self.engine.global_batch_size == feed.batch_size:
                 return self.engine
-            if int(self.engine.steps.numpy()) or self._online_steps is not None:
+            if int(self.engine.steps.numpy()) or self._online.engine is not None:
                 raise UsageError(f"this Trainer trained with batch size {self.engine.global_batch_size}; "
                                  f"got {feed.batch_size}: use a new Trainer for another batch size")
             self.engine = None   # built for evaluate/predict only: build again for this batch size
@@ -291,29 +291,29 @@ class Trainer:
         whatever your step takes with step=. The first call builds the step (and runs the pre-flight); later
         calls of the same shape reuse it. Returns the step's logs as floats; raises NonFiniteError when a
         loss or gradient was not finite (no weight changed)."""
-        return self._online(batch)(batch)
+        return self._online(batch)
 
     def save(self, directory: str) -> str:
         """Checkpoint the models, optimizers and step counter into `directory` (temp files, then rename)."""
-        return self._online().save(directory)
+        return self._online.save(directory)
 
     def restore(self, directory: str) -> int:
-        """Load the newest intact checkpoint of `directory` (another run's is refused); returns its step."""
-        return self._online().restore(directory)
+        """Load the newest intact checkpoint of `directory` (another run's is refused); returns its step.
+        Before any step it is loaded when the first train_on_batch builds the step."""
+        return self._online.restore(directory)
 
-    def _online(self, batch=None) -> OnlineSteps:
-        if self._online_steps is None:
-            if self.engine is None:
-                if batch is None:
-                    raise UsageError("nothing to save or restore yet: call train_on_batch(batch) or fit() first")
-                self.build(feeding.batch_feed(batch))
-                if self.options.preflight and self.run_mode != "eager":
-                    self._k = 1
-                    self.preflight(batch)
-            identity = {**engine_identity(self.engine, (self.options,), self.engine.global_batch_size, 1),
-                        "data": "batches given one at a time"}
-            self._online_steps = OnlineSteps(self.engine, self.precision.name, identity)
-        return self._online_steps
+    def _built_for(self, batch):
+        """(engine, precision, identity) for steps on given batches; builds (and pre-flights) on `batch`."""
+        if self.engine is None:
+            if batch is None:
+                raise NothingBuilt()
+            self.build(feeding.batch_feed(batch))
+            if self.options.preflight and self.run_mode != "eager":
+                self._k = 1
+                self.preflight(batch)
+        identity = {**engine_identity(self.engine, (self.options,), self.engine.global_batch_size, 1),
+                    "data": "batches given one at a time"}
+        return self.engine, self.precision.name, identity
 
 
 def _evaluation_batches(validation_data, batch_size):

@@ -57,11 +57,11 @@ def test_save_and_restore_continue_exactly(tmp_path):
     first.save(str(tmp_path / "ckpt"))
     for i in range(4, 6):
         first.train_on_batch(batch(i))
-    second = fastcore.Trainer(mlp, keras.optimizers.Adam(1e-2), loss="mse")
-    second.train_on_batch(batch(100))   # builds; then restore puts step 4 back
-    assert second.restore(str(tmp_path / "ckpt")) == 4
+    second = fastcore.Trainer(mlp, keras.optimizers.Adam(1e-2), loss="mse")   # a new process's loop would
+    assert second.restore(str(tmp_path / "ckpt")) == 4   # loaded when the first step builds, before it runs
     for i in range(4, 6):
         second.train_on_batch(batch(i))
+    assert int(second.engine.steps.numpy()) == 6
     for v, w in zip(first.models["model"].variables, second.models["model"].variables):
         np.testing.assert_allclose(v.numpy(), w.numpy(), rtol=1e-6)
     other = fastcore.Trainer(mlp, keras.optimizers.SGD(0.1), loss="mse")

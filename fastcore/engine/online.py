@@ -24,13 +24,21 @@ class _Position:
 
 
 class OnlineSteps:
-    """Calls `engine.train_one` on each batch given; `save`/`restore` the models, optimizers and counter."""
+    """Calls the engine's compiled one-step function on each batch given; `save`/`restore` the models,
+    optimizers and counter. `build(batch) -> (engine, precision name, identity)` builds the engine on the
+    first batch (or returns the one fit built); a restore asked for before that waits for it."""
 
-    def __init__(self, engine, precision: str, identity: dict):
-        self.engine, self.precision, self.identity = engine, precision, identity
+    def __init__(self, build):
+        self._build = build
+        self.engine = None
+        self._pending: str | None = None
         self._checkpoints: dict[str, checkpoint.Checkpoints] = {}
 
     def __call__(self, batch) -> dict[str, float]:
+        if self.engine is None:
+            self.engine, self.precision, self.identity = self._build(batch)
+            if self._pending:
+                self.restore(self._pending)
         logs = self.engine.train_one(batch)
         bad = int(self.engine.first_non_finite_step.numpy())   # the one read per call (the guard's verdict)
         if bad >= 0:
@@ -42,6 +50,8 @@ class OnlineSteps:
         return int(self.engine.steps.numpy())
 
     def _manager(self, directory: str, resume: bool) -> tuple[checkpoint.Checkpoints, _Position]:
+        if self.engine is None:   # fit built the engine, or nothing did
+            self.engine, self.precision, self.identity = self._build(None)
         position = _Position(self.engine, self.steps)
         if directory not in self._checkpoints:
             saver = checkpoint.Checkpoints(directory, every_steps=1, resume=resume, precision=self.precision,
@@ -60,9 +70,20 @@ class OnlineSteps:
 
     def restore(self, directory: str) -> int:
         """Load the newest intact checkpoint in `directory` (refused in one line if it is another run's);
-        returns the step it holds."""
-        if not checkpoint.on_disk(directory):
+        returns the step it holds. Before the first step it is loaded once the step is built (on the next
+        call), and the step is read from the checkpoint's record."""
+        found = checkpoint.on_disk(directory)
+        if not found:
             raise UsageError(f"no checkpoint in {os.fspath(directory)!r} to restore")
-        saver, position = self._manager(directory, resume=True)
+        try:
+            saver, position = self._manager(directory, resume=True)
+        except NothingBuilt:
+            self._pending = directory
+            return int(checkpoint.read_meta(found[0])["steps"])
         saver.restore(position)
+        self._pending = None
         return self.steps
+
+
+class NothingBuilt(Exception):
+    """`build(None)`: no batch has been seen and fit built nothing, so there is no engine yet."""

@@ -71,10 +71,11 @@ class Report:
         return rows
 
 
-def snapshot(engine, losses: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """The loss trajectory and every trainable variable of every model, as float64 arrays."""
-    named = [(getattr(v, "path", None) or v.name, v)
-             for m in engine.models.values() for v in m.trainable_variables]
+def snapshot(engine, losses: np.ndarray, every_variable: bool = False) -> list[tuple[str, np.ndarray]]:
+    """The loss trajectory and every trainable variable of every model, as float64 arrays; with
+    `every_variable`, the non-trainable ones too (BatchNormalization's moving statistics, RNG states)."""
+    named = [(getattr(v, "path", None) or v.name, v) for m in engine.models.values()
+             for v in (m.variables if every_variable else m.trainable_variables)]
     return [("loss (per call)", losses)] + [(name, np.asarray(v.numpy(), np.float64)) for name, v in named]
 
 
@@ -132,7 +133,8 @@ def compare(a, b) -> list[Difference]:
 
 
 def verify(engine, batches: list, precision: Precision, stacked: bool, reference=None) -> Report:
-    """Run `batches` through `engine` compiled and eagerly from one saved state, and compare.
+    """Run `batches` through `engine` compiled and eagerly from one saved state, and compare the losses and
+    every model variable, BatchNormalization's moving statistics included.
 
     The engine's state is put back afterwards, so verifying changes nothing. `batches` is a list of
     batches (K stacked when `stacked`). For bfloat16/float16, `reference` is a float32 engine of the
@@ -141,9 +143,9 @@ def verify(engine, batches: list, precision: Precision, stacked: bool, reference
     steps = sum(int(tf.nest.flatten(b)[0].shape[0]) if stacked else 1 for b in batches)
     low_precision = precision.name != "float32"
     state = SavedState(engine)
-    comp = snapshot(engine, run_steps(engine, batches, stacked, compiled=engine.mode != "eager"))
+    comp = snapshot(engine, run_steps(engine, batches, stacked, compiled=engine.mode != "eager"), every_variable=True)
     state.restore()
-    eag = snapshot(engine, run_steps(engine, batches, stacked, compiled=False))
+    eag = snapshot(engine, run_steps(engine, batches, stacked, compiled=False), every_variable=True)
     state.restore()
     compiled_vs_eager = compare(comp, eag)
     if not low_precision:
@@ -153,13 +155,15 @@ def verify(engine, batches: list, precision: Precision, stacked: bool, reference
                    f"{worst.max_rel:.2e} ({worst.name}) {'<=' if passed else '>'} tolerance {FLOAT32_RTOL:g}")
         if not passed:
             verdict += ("; a miscompile, or random numbers that differ between the two paths (keras Dropout, "
-                        "tf.random): use fastcore.layers.Dropout and fastcore.random, which draw the same on both")
+                        "tf.random): use fastcore.layers.Dropout and fastcore.random, which draw the same on both; "
+                        "or rounding that training magnifies (a bias just before BatchNormalization has no true "
+                        "gradient, so Adam moves it by rounding alone: give that layer use_bias=False)")
         return Report("float32", steps, passed, verdict, compiled_vs_eager)
 
     if reference is None:
         raise ValueError("a bfloat16/float16 verify needs a float32 reference engine")
     copy_state(engine, reference)
-    ref = snapshot(reference, run_steps(reference, batches, stacked, compiled=False))
+    ref = snapshot(reference, run_steps(reference, batches, stacked, compiled=False), every_variable=True)
     c_ref, e_ref = compare(comp, ref), compare(eag, ref)
     worst_c = max(d.max_rel for d in c_ref)
     worst_e = max(d.max_rel for d in e_ref)
