@@ -1,23 +1,22 @@
-"""fastcore's fit against Keras' own `fit`: the same initial weights, the same batches, fresh optimizers of one config.
+"""fastcore's fit against Keras' own `fit`: same initial weights, same batches, fresh optimizers of one config.
 
 Keras `fit` is the reference for what a training step computes: the loss reduction, sample weights,
 regularization losses, BatchNormalization's moving statistics. Each test trains one copy of a model with
 fastcore and one with `model.fit` on one unshuffled dataset of batches and compares every variable, the
 non-trainable ones (moving statistics) included, as max |ours - keras| / max |keras| per variable.
 
-TOLERANCE = 2e-5. Measured here (12 steps): fastcore against Keras compiled the same way 0 to 4.8e-7
-(graph, and XLA K=1: bit-identical weights; XLA K=4: the K steps are one XLA program, so it rounds
-differently); Keras' own XLA and graph paths 9.1e-6 apart on the BN convnet, so two correct float32
-runs of it sit ~1e-5 apart. The departures this guards against are well above it (measured on these
-models): one extra update of the moving statistics 7.7e-2, the sample weights ignored 5.5e-2, the L2
-term dropped 4.8e-4.
+TOLERANCE = 2e-5. Measured here (12 steps): fastcore against Keras compiled the same way at most 3.9e-7
+(graph: bit-identical; XLA K=4: the K steps are one XLA program, which rounds a little differently), and
+Keras' own XLA and graph paths 1.1e-6 apart on the BN convnet: two correct float32 runs. The departures
+this guards against are well above it (measured on these models): one extra update of the moving
+statistics 8.2e-2, the sample weights ignored 5.5e-2, the L2 term dropped 4.8e-4.
 
 The optimizer is plain SGD on purpose. Adam divides each gradient by its own running RMS: it turns the
-rounding residue of a near-zero gradient into a full-size step (Keras' XLA and graph paths end 0.2 apart
-after 12 steps at lr 1e-2 on this convnet), and it cannot see a gradient's scale (a loss reduction off by
-a constant factor). For the same reason the convolutions before BatchNormalization have no bias (Keras'
-advice): BatchNormalization subtracts the batch mean, so such a bias has no gradient in exact arithmetic
-and whatever moves it is rounding.
+rounding residue of a near-zero gradient into a full-size step (Keras' XLA and graph paths ended 0.2
+apart after 12 steps at lr 1e-2 on a two-layer BN convnet), and it cannot see a gradient's scale (a loss
+reduction off by a constant factor). For the same reason the convolution before BatchNormalization has no
+bias (Keras' advice): BatchNormalization subtracts the batch mean, so such a bias has no gradient in
+exact arithmetic and whatever moves it is rounding.
 """
 from __future__ import annotations
 

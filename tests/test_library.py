@@ -201,7 +201,7 @@ def dropout_model(layer):
                                      keras.layers.Dense(1)])
 
 
-def test_stock_keras_dropout_passes_preflight_and_fastcore_dropout_passes_verify():
+def test_stock_keras_dropout_and_fastcore_dropout_pass_preflight_and_verify():
     x, y = regression_data()
     stock = fastcore.Trainer(dropout_model(keras.layers.Dropout(0.5)), keras.optimizers.SGD(0.01), loss=my_loss)
     stock.fit(x, y, batch_size=32, epochs=1, verbose=False)   # pre-flight runs in inference mode: no false alarm
@@ -209,8 +209,8 @@ def test_stock_keras_dropout_passes_preflight_and_fastcore_dropout_passes_verify
     hashed = fastcore.Trainer(dropout_model(fastcore.layers.Dropout(0.5, seed=1)), keras.optimizers.SGD(0.01),
                               loss=my_loss)
     assert hashed.verify(x, y, batch_size=32, steps=20).passed
-    report = stock.verify(x, y, batch_size=32, steps=20)
-    assert not report.passed and "fastcore.layers.Dropout" in report.verdict
+    report = stock.verify(x, y, batch_size=32, steps=20)   # the eager twin draws XLA's masks (engine/twin_random)
+    assert report.passed, report.verdict
 
 
 class PerturbedWhenCompiled(keras.layers.Layer):

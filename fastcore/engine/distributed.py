@@ -23,6 +23,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from fastcore import distribute
+from fastcore.engine import held_state
 from fastcore.engine.step import Engine, finiteness_sum
 from fastcore.errors import UsageError
 
@@ -101,6 +102,11 @@ class DistributedEngine(Engine):
             for name, gradients in per_replica.items():
                 self.optimizers[name].apply_gradients(zip(gradients, self._grad_variables[name]))
         self.strategy.run(apply, args=(grads,))
+
+    def _hold_model_state(self) -> held_state.Held:
+        """Every non-trainable variable is held: each replica writes its own copy of a moving statistic,
+        inside its own function, through a handle the outer graph does not show."""
+        return held_state.hold(self.model_variables, writes_visible=False)
 
     def _apply_scaled(self, grads, finite) -> tf.Tensor:
         def apply(per_replica, finite):

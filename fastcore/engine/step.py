@@ -4,8 +4,9 @@ Who owns what. The user's step function computes losses and gradients with its o
 returns them in an `Update`; it never calls `apply_gradients`. fastcore owns everything after that, on
 the compiled path and the eager twin alike (they call the very same Python code):
   - one finiteness check across all of the step's losses and gradients before any optimizer applies
-    anything, so a non-finite step changes no weight of any model (float32/bfloat16: the run stops;
-    float16: every optimizer's loss scaler skips the step and lowers its scale);
+    anything, so a non-finite step changes no variable of any model, moving statistics included
+    (float32/bfloat16: the run stops; float16: every optimizer's loss scaler skips the step and lowers
+    its scale);
   - float16 loss scaling per optimizer (`ctx.scale(loss, name)`; a step that forgets it is refused);
   - the step counter, the K-step walker (K stacked batches inside one compiled call: a tf.data iterator
     cannot live inside XLA), and the trace ledger that names any retrace.
@@ -22,7 +23,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from fastcore.engine import twin_random
+from fastcore.engine import held_state, twin_random
 from fastcore.errors import UsageError
 
 MODES = ("xla", "graph", "eager")
@@ -229,7 +230,7 @@ class Engine:
         self.applied = tf.Variable(0, dtype=tf.int64, trainable=False, name="applied_updates")
         self.first_non_finite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
         # Off only while the pre-flight compiles the training call beside its own check: the call then
-        # runs but applies nothing and counts no step.
+        # runs but applies nothing, counts no step and changes no model variable.
         self.updates_on = tf.Variable(True, trainable=False, name="updates_on")
         self._build_optimizers()
         for optimizer in optimizers.values():
@@ -364,23 +365,14 @@ class Engine:
             logs.update(phase_logs)
         return logs
 
-    def _hold_model_state(self) -> list:
-        """The values of the models' non-trainable variables before a step (BatchNormalization's moving
-        statistics, RNG states): the step's forward pass moves them whether or not its update is applied.
-        Nothing is held (no op added) for models without such variables."""
-        return [(v, tf.identity(v)) for v in self.model_variables if not v.trainable]
+    def _hold_model_state(self) -> held_state.Held:
+        """The models' non-trainable variables before a step (see fastcore.engine.held_state)."""
+        return held_state.hold(self.model_variables)
 
-    def _put_back_unless(self, applied, held: list) -> None:
+    def _put_back_unless(self, applied, held: held_state.Held) -> None:
         """A step whose update is not applied (a non-finite step, a float16 overflow skip, the pre-flight's
-        warm-up with updates off) leaves every model variable as it was: its non-trainable ones are put back."""
-        if not held:
-            return
-
-        def put_back():
-            for v, value in held:
-                v.assign(value)
-            return tf.constant(False)
-        tf.cond(applied, lambda: tf.constant(True), put_back)
+        warm-up with updates off) leaves every model variable as it was."""
+        held_state.put_back_unless(applied, held)
 
     def compute_checked(self, batch, phase: int = 0, draws: int = 0) -> tuple[dict, dict, tf.Tensor]:
         """The step's logs and gradients, and whether every loss and gradient is finite."""
