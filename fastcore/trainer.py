@@ -13,16 +13,13 @@ This class is a facade: each call checks its arguments and hands plain values to
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 
-import tensorflow as tf
-
-from fastcore.callbacks import Callback
-from fastcore.engine import autoprecision, checkpoint, feeding, inference, preflight, verify as verifying
-from fastcore.engine.assembly import Assembly
-from fastcore.engine import loss_step as loss_steps, sample_weights
 from fastcore import keras_callbacks
+from fastcore.callbacks import Callback
+from fastcore.engine import autoprecision, checkpoint, feeding, inference, preflight, sample_weights
+from fastcore.engine import loss_step as loss_steps, verify as verifying
+from fastcore.engine.assembly import Assembly
 from fastcore.engine.online import NothingBuilt, OnlineSteps
 from fastcore.engine.precision import Precision
 from fastcore.engine.run import FitResult, Run, engine_identity
@@ -43,12 +40,11 @@ class Trainer:
         float32 (and auto) work; `training=` and `.losses` are used when the model has them.
       optimizer: a Keras optimizer or any object with `apply_gradients`; or a dict of them, each named
         after the model it updates. float16 wraps Keras optimizers in LossScaleOptimizer.
-      loss: with one model, a Keras loss object, a Keras loss name, or any callable
-        `(y_true, y_pred) -> per-example loss`; fastcore writes the step. Data elements are (x, y) or
-        (x, y, sample_weight).
-      metrics: callables `(y_true, y_pred) -> per-example values` (list, or dict by name), evaluated on
-        validation data.
-      step: instead of `loss`, your step function `step(batch, ctx) -> fastcore.Update`; see StepContext.
+      loss, metrics, loss_weights, weighted_metrics: as Keras' compile takes them (names, functions, Keras
+        objects; per output name for a model with several); fastcore writes the step. Data elements are
+        (x, y) or (x, y, sample_weight).
+      step: instead of `loss`, your step function `step(batch, ctx) -> fastcore.Update`; see StepContext;
+        or phases, [(critic_step, 3), generator_step]: updates applied in turn within one step.
         It is traced by tf.function without AutoGraph (as Keras 3 traces its train step): write
         data-dependent branches with tf.cond / tf.where.
       eval_step: with `step`, optional `eval_step(batch, ctx) -> {name: per-example values}`.
@@ -120,12 +116,7 @@ class Trainer:
         self.precision = autoprecision.decide(self.options.precision, self.mode, self.assembly,
                                               lambda: next(iter(feed.dataset.take(1))), feed.batch_size, k,
                                               built=self._built_models is not None, recorded=recorded)
-        if self.precision.name != "float32" and not self.assembly.factories:
-            policy = getattr(next(iter(self.models.values())), "dtype_policy", None)
-            if policy is not None and getattr(policy, "name", None) != self.precision.policy:
-                raise UsageError(f"precision {self.precision.name} needs the model built under the "
-                                 f"{self.precision.policy} policy: pass a factory (a function returning the "
-                                 f"model) and fastcore builds it so")
+        self.assembly.check_policy(self.models, self.precision)
         self.engine = self.assembly.engine(self.precision, self.run_mode, feed.batch_size, self.models,
                                            self.assembly.optimizers(self.precision, distributed=True), distributed=True)
         return self.engine
@@ -149,35 +140,17 @@ class Trainer:
 
     def preflight(self, first_call) -> preflight.PreflightReport:
         """Compare compiled and eager losses and gradients on the first batch of `first_call` (an element of
-        the feed: K stacked batches when steps_per_call > 1; fit calls this before training); raise
-        PreflightError (the one line) when they disagree. Changes no weight.
-
-        Meanwhile the training call is compiled on `first_call` with updates off (the guard's skip branch,
-        no step counted), so the two compiles overlap; float16 applies through the loss
-        scaler, which has no such switch, so there the pre-flight runs alone."""
-        engine = self.engine
-        batch = tf.nest.map_structure(lambda t: t[0], first_call) if self._k > 1 else first_call
-        overlap = not engine.loss_scaling and self.strategy is None   # strategy.run's replica threads stay alone
-        warm_up = (lambda: self._compile_training_call(first_call)) if overlap else None
-        report = preflight.check(engine, batch, self.precision.name, warm_up)
-        if self.warm_up_seconds:   # the training compile it overlapped would have happened anyway
-            report.extra_seconds = max(report.seconds - self.warm_up_seconds, 0.0)
-        self.preflight_report = report
-        if not report.passed:
-            raise PreflightError(report.line(), report)
-        return report
-
-    def _compile_training_call(self, first_call) -> None:
-        """Compile (and run) the training call on `first_call` with updates off: applies nothing, counts no step."""
-        engine = self.engine
-        train_fn = engine.train_many if self._k > 1 else engine.train_one
-        engine.updates_on.assign(False)
+        the feed; fit calls this before training); raise PreflightError (the one line) when they disagree.
+        Changes no variable. Meanwhile the training call compiles with updates off, so the two compiles overlap
+        (not under float16, whose loss scaler has no such switch, nor under a strategy)."""
+        overlap = not self.engine.loss_scaling and self.strategy is None   # strategy.run's threads stay alone
         try:
-            start = time.perf_counter()
-            tf.nest.map_structure(lambda t: t.numpy(), train_fn(first_call))
-            self.warm_up_seconds = time.perf_counter() - start
-        finally:
-            engine.updates_on.assign(True)
+            self.preflight_report = preflight.run(self.engine, first_call, self._k, self.precision.name, overlap)
+        except PreflightError as e:
+            self.preflight_report = e.report
+            raise
+        self.warm_up_seconds = self.preflight_report.warm_up_seconds
+        return self.preflight_report
 
     def verify(self, x, y=None, *, steps: int = 20, batch_size: int | None = None,
                steps_per_epoch: int | None = None) -> verifying.Report:
@@ -240,12 +213,7 @@ class Trainer:
         """fit() with its options as one record (fastcore.options.FitOptions), including the caller's
         summary head, identity extras and output stream; the CLI trains through this."""
         self.warm_up_seconds = None
-        if class_weight is not None:
-            sample_weights.check(class_weight, sample_weight)
-            if feeding.is_dataset(x):
-                x = sample_weights.for_dataset(x, class_weight)
-            else:
-                sample_weight = sample_weights.for_arrays(y, class_weight)
+        x, sample_weight = sample_weights.with_class_weight(x, y, sample_weight, class_weight)
         feed = self.feed(x, y, batch_size=options.batch_size, steps_per_epoch=options.steps_per_epoch,
                          source=options.train_source, sample_weight=sample_weight)
         self._k = self._steps_per_call(feed)

@@ -76,6 +76,15 @@ class Assembly:
                                  f"example batch, or give keras.Input) before training")
         return built
 
+    def check_policy(self, models: dict, precision: Precision) -> None:
+        """A model passed built must have been built under `precision`'s dtype policy (a factory is built so)."""
+        if precision.name == "float32" or self.factories:
+            return
+        policy = getattr(next(iter(models.values())), "dtype_policy", None)
+        if policy is not None and getattr(policy, "name", None) != precision.policy:
+            raise UsageError(f"precision {precision.name} needs the model built under the {precision.policy} "
+                             f"policy: pass a factory (a function returning the model) and fastcore builds it so")
+
     def optimizers(self, precision: Precision, fresh: bool = False, distributed: bool = False) -> dict:
         """The run's optimizers (float16: each in a LossScaleOptimizer). `fresh` clones them (twins, timing);
         under a strategy they are always clones made in its scope, where their variables must be created."""

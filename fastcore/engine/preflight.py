@@ -19,6 +19,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from fastcore.errors import PreflightError
+
 from fastcore.engine import rounding, twin_random
 from fastcore.engine.verify import UNREPEATABLE, SavedState
 
@@ -37,6 +39,7 @@ class PreflightReport:
     tolerance: float
     differences: list[tuple[str, float, float]]   # (tensor, max abs diff, max rel diff)
     extra_seconds: float | None = None   # wall time beyond the training compile it overlapped (if it did)
+    warm_up_seconds: float | None = None   # the training call's compile and first run, when it overlapped
     judgement: rounding.Judgement | None = None   # the failing tensors, and the model's own spread if measured
 
     @property
@@ -87,6 +90,31 @@ def outputs(engine, batch) -> dict:
                     label += f" #{sum(1 for k in out if k.startswith(label))}"
                 out[label] = values
     return out
+
+
+def run(engine, first_call, k: int, precision: str, overlap: bool) -> PreflightReport:
+    """The pre-flight as fit runs it: `check` on the first batch of `first_call` (an element of the feed: K
+    stacked batches when k > 1), and with `overlap` the training call compiled meanwhile on `first_call` with
+    updates off (it applies nothing and counts no step); raises PreflightError (its one line) on a disagreement."""
+    batch = tf.nest.map_structure(lambda t: t[0], first_call) if k > 1 else first_call
+    seconds = {}
+
+    def warm_up():
+        train_fn = engine.train_many if k > 1 else engine.train_one
+        engine.updates_on.assign(False)
+        try:
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), train_fn(first_call))
+            seconds["warm_up"] = time.perf_counter() - start
+        finally:
+            engine.updates_on.assign(True)
+    report = check(engine, batch, precision, warm_up if overlap else None)
+    report.warm_up_seconds = seconds.get("warm_up")
+    if report.warm_up_seconds:   # the training compile it overlapped would have happened anyway
+        report.extra_seconds = max(report.seconds - report.warm_up_seconds, 0.0)
+    if not report.passed:
+        raise PreflightError(report.line(), report)
+    return report
 
 
 def check(engine, batch, precision: str, warm_up=None) -> PreflightReport:

@@ -76,3 +76,14 @@ def _classes(y: np.ndarray) -> np.ndarray:
     if classes.size and classes.min() < 0:
         raise UsageError(f"class_weight needs class ids >= 0; the labels hold {classes.min()}")
     return classes
+
+
+def with_class_weight(x, y, sample_weight, class_weight):
+    """(x, sample_weight) with `class_weight` folded in: a dataset's elements gain the weights, arrays get a
+    sample_weight array; unchanged when class_weight is None."""
+    if class_weight is None:
+        return x, sample_weight
+    check(class_weight, sample_weight)
+    if isinstance(x, tf.data.Dataset):
+        return for_dataset(x, class_weight), sample_weight
+    return x, for_arrays(y, class_weight)
