@@ -122,8 +122,12 @@ class Trainer:
         return self.engine
 
     def _steps_per_call(self, feed: feeding.Feed) -> int:
+        # XLA:CPU compiles convolutions inside the K-step tf.while_loop into a far slower program: the Keras
+        # MNIST convnet ran 2,328 ex/s as a graph, 331 under XLA at K=1, 57 at K=4, 28 at K=46 (plain TF
+        # alike: 2,176 at K=1, 159 at K=4); the guide's GAN 441 at K=1, 34 at K=10. So K=1 by default there.
+        most = 1 if self.mode == "xla" and self.assembly.convolutional() else feeding.MAX_STEPS_PER_CALL
         return feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, self.options.steps_per_call,
-                                      varying=bool(feed.varying))
+                                      varying=bool(feed.varying), most=most)
 
     def feed(self, x, y=None, *, batch_size: int | None = None, steps_per_epoch: int | None = None,
              source: str | None = None, sample_weight=None) -> feeding.Feed:

@@ -23,10 +23,18 @@ LAST_LINE = {
     "distributed_custom_step.py": r"^2 replicas: twin PASS \(worst relative difference \S+\); eval accuracy 0\.\d+; "
                                   r"replica spread after training 0\.0 \(target",
     "higgs_custom_step.py": r"^eval accuracy: fastcore 0\.\d+  keras fit 0\.\d+  gap [+-]0\.\d+ \(target",
+    "gan_keras_guide.py": r"^last epoch's mean d_loss: fastcore \d\.\d{3}  keras fit \d\.\d{3}; g_loss: fastcore \d\.\d{3}  "
+                          r"keras fit \d\.\d{3} \(target: d_loss in \[0\.2, 0\.68\], g_loss in \[0\.5, 3\.0\] for both; "
+                          r"verify passes\)$",
+    "vae_keras_example.py": r"^last epoch's mean total loss: fastcore \d+\.\d\d  keras fit \d+\.\d\d  gap [+-]\d\.\d\d% "
+                            r"\(untrained \d+\.\d\d; target: \|gap\| <= 4%, below untrained; verify passes\)$",
     "gan_two_optimizers.py": r"^generated mean \(.*\) std .*distance to \(2, 2\) 0\.\d+ .*"
                              r"iterations \{'gen': 2000, 'disc': 2000\}",
     "actor_critic_cartpole.py": r"^episodes until the last 10 average >= 195: fastcore \d+  keras \d+; ms per update: "
                                 r"fastcore \S+  keras \S+ \(target: both <= 300, fastcore <= keras \+ 150\)$",
+    "text_classifier_varying.py": r"^test accuracy: fastcore 0\.\d+  keras fit 0\.\d+  gap [+-]0\.\d+; compiled shapes "
+                                  r"\{'train': 3, 'eval': \d+\} \(traces \{'train': 3, 'eval': \d+\}\) \(target: "
+                                  r"fastcore >= 0\.65, at most 0\.03 below keras, 3 training shapes\)$",
     "bn_convnet_fashion.py": r"^test accuracy: fastcore 0\.\d+  keras fit 0\.\d+  gap [+-]0\.\d+; examples/s: "
                              r"fastcore [\d,]+  keras fit [\d,]+ \(target: fastcore >= 0\.78, at most 0\.03 below keras\)$",
     "cnn_tfrecord.py": r"^eval accuracy 0\.\d+ on Fashion-MNIST test\[:2000\] \(target >= 0\.8\)$",

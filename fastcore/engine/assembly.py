@@ -41,6 +41,7 @@ class Assembly:
         self.loss_weights, self.weighted_metrics = loss_weights, named_metrics(weighted_metrics)
         self.step_fn, self.eval_fn = step, eval_step
         self.seed, self.strategy, self.max_shapes = seed, strategy, max_shapes
+        self._convolutional: bool | None = None
         if strategy is not None:
             check_distributable(strategy, self.model_specs, self.optimizer_specs, mode)
 
@@ -75,6 +76,16 @@ class Assembly:
                 raise UsageError(f"model {name!r} has no trainable variables yet: build it (call it once on an "
                                  f"example batch, or give keras.Input) before training")
         return built
+
+    def convolutional(self) -> bool:
+        """Whether any model has a convolution layer (factories are built once, in float32, to look)."""
+        if self._convolutional is None:
+            models = self.models(Precision("float32", "probe")) if self.factories else self.model_specs
+            layers = [layer for m in models.values() if hasattr(m, "_flatten_layers")
+                      for layer in m._flatten_layers(include_self=False)]
+            self._convolutional = any(kind.__name__.startswith(("Conv", "BaseConv", "BaseDepthwiseConv", "BaseSeparableConv"))
+                                      for layer in layers for kind in type(layer).__mro__)
+        return self._convolutional
 
     def check_policy(self, models: dict, precision: Precision) -> None:
         """A model passed built must have been built under `precision`'s dtype policy (a factory is built so)."""

@@ -35,13 +35,14 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
-def steps_per_call(batch_size: int, steps_per_epoch: int, requested: int | None = None, varying: bool = False) -> int:
+def steps_per_call(batch_size: int, steps_per_epoch: int, requested: int | None = None, varying: bool = False,
+                   most: int = MAX_STEPS_PER_CALL) -> int:
     """K, the optimizer steps per compiled call: `requested`, else about CALL_EXAMPLES examples (at most
-    MAX_STEPS_PER_CALL steps, VARYING_STEPS_PER_CALL when the data's shapes vary) and a divisor of the
-    epoch, so epoch ends fall on call ends."""
+    `most` steps, VARYING_STEPS_PER_CALL when the data's shapes vary) and a divisor of the epoch, so epoch
+    ends fall on call ends."""
     if requested:
         return requested
-    target = max(1, min(MAX_STEPS_PER_CALL, CALL_EXAMPLES // batch_size))
+    target = max(1, min(most, CALL_EXAMPLES // batch_size))
     if varying:
         target = min(target, VARYING_STEPS_PER_CALL)
     return largest_divisor_at_most(steps_per_epoch, target)
