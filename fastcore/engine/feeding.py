@@ -117,6 +117,11 @@ def _dataset_feed(ds: tf.data.Dataset, batch_size, steps_per_call, steps_per_epo
         dim = batch_size or first_batch_size(ds)
         ds = fixed_batches(ds, dim)
         cardinality = None
+        batches = int(given.cardinality())
+        if steps_per_epoch is None and batches > 0:   # known, but how many of them are full is not
+            raise UsageError(f"the training dataset's batches have no fixed size (a short last batch, or bucketing), "
+                             f"so its number of full batches per epoch is unknown: pass steps_per_epoch (at most "
+                             f"{batches}), or batch with drop_remainder=True")
     else:
         if batch_size and batch_size != dim:
             raise UsageError(f"batch_size={batch_size} but the dataset's batches hold {dim}: "
