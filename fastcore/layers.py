@@ -1,8 +1,9 @@
 """Layers whose compiled and eager runs agree: hashed `Dropout`, and `Dense` with a fast bfloat16 dot.
 
-Keras' own `keras.layers.Dropout` draws a different mask under XLA than eagerly (see fastcore.random), so
-`verify` on a model using it reports a difference that is noise, not a miscompile; `fastcore.layers.Dropout`
-is a drop-in replacement whose mask is identical on every path.
+Keras' own `keras.layers.Dropout` draws a different mask under XLA than eagerly; fastcore's eager twin
+draws XLA's (fastcore.engine.twin_random), so the pre-flight and `verify` accept it. `fastcore.layers.Dropout`
+is a drop-in replacement whose mask is identical on every path without that help (a plain graph, code
+outside fastcore's step).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from fastcore.engine import twin_random
 SEED = tf.constant([3, 4], tf.int32)
 DRAWS = {   # every draw measured to differ between TensorFlow's kernels and XLA's (fastcore.engine.twin_random)
     "stateless_normal": lambda: tf.random.stateless_normal((64, 32), SEED),
+    "stateless_normal philox": lambda: tf.random.stateless_normal((64, 32), SEED, alg="philox"),
     "stateless_uniform": lambda: tf.random.stateless_uniform((64, 32), SEED, minval=-2.0, maxval=3.0),
     "stateless_truncated_normal": lambda: tf.random.stateless_truncated_normal((64, 32), SEED),
     "stateless_categorical": lambda: tf.cast(tf.random.stateless_categorical(tf.math.log([[0.2, 0.3, 0.5]] * 8),
@@ -225,3 +226,20 @@ def test_a_real_xla_miscompile_is_still_refused_by_the_pre_flight_and_verify():
     report = fastcore.Trainer(make, keras.optimizers.Adam(1e-2), loss=loss, preflight=False).verify(
         x, y, batch_size=32, steps=16)
     assert not report.passed and "own float32 spread" in report.verdict
+
+
+def test_a_gradient_that_is_all_rounding_noise_passes_within_the_models_own_spread():
+    """A conv bias just before BatchNormalization has no true gradient: Adam moves it by rounding alone, so
+    compiled and eager differ by 100% of it. The tight rule refuses that; the model's own spread (eager runs
+    from nudged starts) shows float32 does the same by itself."""
+    x = mnist(512)[:, ::2, ::2]
+    y = np.arange(len(x)) % 10
+    make = lambda: keras.Sequential([keras.Input((14, 14, 1)), layers.Conv2D(8, 3), layers.BatchNormalization(),
+                                     layers.ReLU(), layers.MaxPooling2D(2), layers.Flatten(), layers.Dense(10)])
+    trainer = fastcore.Trainer(make, keras.optimizers.Adam(1e-3),
+                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    report = trainer.verify(x, y, batch_size=32, steps=16)
+    assert report.passed, report.verdict
+    noise = [d for d in report.compiled_vs_eager if d.max_rel > 1e-4]
+    assert noise and all(d.spread is not None and d.max_abs <= 4 * d.spread for d in noise)
+    assert "own float32 spread" in report.verdict
