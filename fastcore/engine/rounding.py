@@ -67,6 +67,7 @@ def nudge(engine, pattern: int) -> None:
         if value.dtype not in (np.float16, np.float32, np.float64):
             continue
         signs = np.where(rng.random(value.shape) < 0.5, 1, -1).astype(value.dtype)
+        signs[value == 0] = 0   # an exact zero (a fresh bias) stays exact: rounding keeps it so on both paths
         variable.assign(value + signs * NUDGE_ULPS * np.abs(np.spacing(value)))
 
 
