@@ -114,7 +114,7 @@ def higgs_run(tmp_path_factory, data_dir):
 def test_tensorboard_serves_the_runs_scalars(higgs_run):
     board, logdir, _ = higgs_run
     expected = {"train/loss": CALLS, "train/learning_rate": CALLS, "perf/examples_per_sec": CALLS - 1,
-                "perf/step_time_ms": CALLS - 1, "train/epoch_loss": 3, "eval/loss": 3, "eval/binary_accuracy": 3}
+                "perf/step_time_ms": CALLS - 1, "train/epoch_loss": 3, "train/epoch_binary_accuracy": 3, "eval/loss": 3, "eval/binary_accuracy": 3}
     tags = board.poll(lambda: board.get("/data/plugin/scalars/tags"),
                       lambda t: set(expected) <= set(t.get("r1", {})))
     assert set(tags) == {"r1"} and set(tags["r1"]) == set(expected), tags
@@ -279,7 +279,7 @@ def test_doctor_on_a_healthy_logdir(higgs_run):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "tensorboard-plugin-profile" in out and "agree" in out and "PROBLEM" not in out
-    assert "run r1" in out and "scalars: 7 tags" in out and "train/loss (12)" in out
+    assert "run r1" in out and "scalars: 8 tags" in out and "train/loss (12)" in out
     assert "profile r1/" in out and "steps 2-4" in out and "input_pipeline_analyzer" in out
     assert f"tensorboard --logdir {logdir}" in out and out.rstrip().endswith("healthy")
     assert "offline, the Profile tab's charts stay blank" in out

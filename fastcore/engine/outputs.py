@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import tensorflow as tf
+
 from fastcore.errors import UsageError
 
 
@@ -34,6 +36,8 @@ def line_up(model, y_true, y_pred, sample_weight=None) -> Outputs:
         preds = list(y_pred)
     else:
         preds = [y_pred]
+    # Losses and metrics in float32 whatever the compute dtype (as Keras computes them under mixed precision).
+    preds = [tf.cast(p, tf.float32) if tf.as_dtype(p.dtype).is_floating else p for p in preds]
     trues = _per_output(y_true, names, "labels")
     weights = None
     if sample_weight is not None:
