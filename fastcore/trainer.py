@@ -170,18 +170,8 @@ class Trainer:
         if engine.mode == "eager":
             raise UsageError("verify compares the compiled step with the eager one: use mode='xla' or 'graph'")
         self._k = self._steps_per_call(feed)
-        batches = list(feed.dataset.take(math.ceil(steps / self._k)))
-        if self.strategy is not None:   # the distributed twin: the same steps on one device
-            single = self.assembly.twin(self.precision, self.run_mode, feed.batch_size, apart_from=engine.models)
-            return verifying.verify_distributed(engine, single, batches, self.precision, self._k > 1)
-        reference = None
-        if self.precision.name != "float32":
-            if not self.assembly.factories:
-                raise UsageError(f"verify in {self.precision.name} compares against a float32 reference built "
-                                 f"from the model's factory: pass the model as a factory")
-            reference = self.assembly.twin(Precision("float32", "reference"), "eager", feed.batch_size,
-                                           apart_from=engine.models)
-        return verifying.verify(engine, batches, self.precision, self._k > 1, reference)
+        return verifying.twin_of(engine, self.assembly, list(feed.dataset.take(math.ceil(steps / self._k))),
+                                 self.precision, self._k)
 
     def fit(self, x=None, y=None, *, batch_size: int | None = None, epochs: int = 1, verbose: bool = True,
             callbacks: Sequence[Callback] = (), validation_data=None, validation_batch_size: int | None = None,

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from fastcore.engine import rounding, twin_random
 from fastcore.engine.precision import Precision
+from fastcore.errors import UsageError
 from fastcore.engine.rounding import relative_difference
 
 FLOAT32_RTOL = rounding.RTOL   # measured here: ~1e-6 after 20 HIGGS steps; beyond it, the model's own spread
@@ -267,3 +268,19 @@ def _set_loss_scale(engines, value: float | None) -> None:
 
 def _loss_scales(engine) -> list[float]:
     return [float(o.dynamic_scale.numpy()) for o in engine.optimizers.values() if hasattr(o, "dynamic_scale")]
+
+
+def twin_of(engine, assembly, batches: list, precision: Precision, k: int) -> Report:
+    """`verify` as a Trainer asks for it: the distributed twin under a strategy; else compiled vs eager, with a
+    float32 reference built by `assembly` (fastcore.engine.assembly) for bfloat16/float16."""
+    if assembly.strategy is not None:   # the distributed twin: the same steps on one device
+        single = assembly.twin(precision, engine.mode, engine.global_batch_size, apart_from=engine.models)
+        return verify_distributed(engine, single, batches, precision, k > 1)
+    reference = None
+    if precision.name != "float32":
+        if not assembly.factories:
+            raise UsageError(f"verify in {precision.name} compares against a float32 reference built from the "
+                             f"model's factory: pass the model as a factory")
+        reference = assembly.twin(Precision("float32", "reference"), "eager", engine.global_batch_size,
+                                  apart_from=engine.models)
+    return verify(engine, batches, precision, k > 1, reference)
