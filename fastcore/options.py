@@ -7,6 +7,7 @@ a step computes is added once, with its mark.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -59,6 +60,11 @@ class FitOptions:
     summary_head: Mapping[str, Any] | None = None
     identity: Mapping[str, Any] | None = None
     train_source: str | None = None
+
+    @property
+    def checkpoint_folder(self) -> str | None:
+        """checkpoint_dir, or <run_dir>/checkpoints when only run_dir is given; None: no checkpoints."""
+        return self.checkpoint_dir or (os.path.join(self.run_dir, "checkpoints") if self.run_dir else None)
 
     def __post_init__(self):
         if self.steps is not None and self.steps <= 0:

@@ -125,9 +125,10 @@ class Trainer:
         # XLA:CPU compiles convolutions inside the K-step tf.while_loop into a far slower program: the Keras
         # MNIST convnet ran 2,328 ex/s as a graph, 331 under XLA at K=1, 57 at K=4, 28 at K=46 (plain TF
         # alike: 2,176 at K=1, 159 at K=4); the guide's GAN 441 at K=1, 34 at K=10. So K=1 by default there.
+        if self.options.steps_per_call:
+            return self.options.steps_per_call
         most = 1 if self.mode == "xla" and self.assembly.convolutional() else feeding.MAX_STEPS_PER_CALL
-        return feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, self.options.steps_per_call,
-                                      varying=bool(feed.varying), most=most)
+        return feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying), most=most)
 
     def feed(self, x, y=None, *, batch_size: int | None = None, steps_per_epoch: int | None = None,
              source: str | None = None, sample_weight=None) -> feeding.Feed:
@@ -213,10 +214,9 @@ class Trainer:
         self._k = self._steps_per_call(feed)
         if self.assembly.loss is not None:
             loss_steps.unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
-        run = Run(None, feed, self._k, None, self.mode, options, strategy=self.strategy,
+        engine = self.build(feed, resume_from=options.checkpoint_folder if options.resume else None)
+        run = Run(engine, feed, self._k, self.precision, self.run_mode, options, strategy=self.strategy,
                   identity_records=(self.options,))
-        engine = self.build(feed, resume_from=run.checkpoint_dir if options.resume else None)
-        run.engine, run.precision, run.mode = engine, self.precision, self.run_mode
         engine.ledger.varying_shapes = bool(feed.varying)
         if self.assembly.loss is not None:
             loss_steps.check(engine, feed.dataset.element_spec, stacked=self._k > 1)

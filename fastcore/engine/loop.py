@@ -59,10 +59,7 @@ class Loop:
         return self.steps_done / self.steps_per_epoch
 
     def run(self) -> list[dict]:
-        spec = self.train_batches.element_spec
-        if self.steps_per_call > 1:   # K stacked batches per element: a step sees one
-            spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), spec)
-        create_variables(self.engine, spec)
+        """Train to total_steps (the metrics' variables exist already: fastcore.engine.loss_step.check)."""
         for cb in self.callbacks:
             cb.on_train_begin(self)
         calls = []   # per-call log tensors; read once per epoch, never per call

@@ -136,8 +136,7 @@ def check(engine, element_spec, stacked: bool) -> None:
     the metrics' variables are created there too (see metrics.create_variables)."""
     if stacked:   # K batches per element: the step sees one of them
         element_spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), element_spec)
-    unpack(element_spec)
-    engine.log_names(element_spec)
+    engine.log_names(element_spec)   # the step unpacks the batch as it traces
     create_variables(engine, element_spec)
 
 

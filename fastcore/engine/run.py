@@ -57,16 +57,11 @@ class Run:
         total = o.steps if o.steps is not None else o.epochs * self.feed.steps_per_epoch
         return math.ceil(total / self.k) * self.k
 
-    @property
-    def checkpoint_dir(self) -> str | None:
-        o = self.options
-        return o.checkpoint_dir or (os.path.join(o.run_dir, "checkpoints") if o.run_dir else None)
-
     def fit(self, callbacks: Sequence[Callback] = ()) -> FitResult:
         o, engine, feed = self.options, self.engine, self.feed
         chief = distribute.is_chief(self.strategy)
         # The chief's checkpoint folder: every worker restores from it (storage all workers can read).
-        checkpoint_dir = self.checkpoint_dir
+        checkpoint_dir = o.checkpoint_folder
         run_dir, verbose = (o.run_dir, o.verbose) if chief else (None, False)
         if not chief:   # a multi-worker run's other workers train alongside and write nothing of their own
             callbacks = ()
