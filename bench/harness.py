@@ -15,7 +15,7 @@ import tensorflow as tf
 import pipelines
 from fastcore.cli import plan as run
 from fastcore.observe import calibrate
-from fastcore.tasks import baseline
+import keras_baseline as baseline
 
 KERNEL_SIZE = calibrate.SIZE
 # Extra seconds of sleep per compiled call: a deliberately slowed step, to show the gate failing.

@@ -1,4 +1,4 @@
-"""Keras `model.fit` on the same task, model, data and machine: the yardstick for speed and accuracy."""
+"""Keras `model.fit` on the same task, model, data and machine: the yardstick for speed and accuracy (bench and tests only)."""
 from __future__ import annotations
 
 import time
