@@ -7,21 +7,26 @@
 Any tf.distribute.Strategy you make yourself works too; these helpers add the checks a run needs to fail
 in one line instead of hanging: a worker whose peer never starts blocks inside TensorFlow's
 constructor, holding the GIL and ignoring SIGTERM (measured), so `strategy("multi-worker")` has a
-watchdog process print one line and kill it after `peer_timeout` seconds; collectives time out after
-the same bound, and a peer that dies mid-run is noticed by TensorFlow's heartbeat (measured ~9 s here).
+watchdog process print one line and kill it after `peer_timeout` seconds; a peer that dies mid-run is
+noticed by TensorFlow's heartbeat (measured ~9 s here), a stuck one by fastcore.stallwatch after the same
+bound (collectives carry no timeout of their own: each would hold a sleeping thread that long). When every
+worker is on this machine, only this machine may connect to their TensorFlow servers (fastcore.serverguard).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import sys
 
+from fastcore import serverguard
 from fastcore.errors import UsageError
+from fastcore.stallwatch import StallWatch
 
 KINDS = ("none", "mirrored", "multi-worker")
-PEER_TIMEOUT = 120.0   # seconds to wait for every worker to join, and for any one collective
+PEER_TIMEOUT = 120.0   # seconds to wait for every worker to join, and for a stuck one mid-run
 EXIT_PEER_LOST = 4
 
 
@@ -127,13 +132,21 @@ def strategy(kind: str, devices: int | None = None, peer_timeout: float = PEER_T
                              "the CPU into N logical devices (for testing: they share the cores)")
         return tf.distribute.MirroredStrategy(names)
     spec = cluster()
-    check_port_free(spec["workers"][spec["index"]])
+    address = spec["workers"][spec["index"]]
+    check_port_free(address)
     if devices is not None:
         use_devices(devices)
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=peer_timeout)
+    # Only when every worker is here: a multi-host cluster's peers connect from addresses this cannot know.
+    port = int(address.rpartition(":")[2]) if serverguard.local_cluster(spec["workers"]) else 0
     with _deadline(peer_timeout, f"not every worker of TF_CONFIG ({', '.join(spec['workers'])}) joined within "
-                                 f"{peer_timeout:g} s"):
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+                                 f"{peer_timeout:g} s", guard_port=port):
+        made = tf.distribute.MultiWorkerMirroredStrategy()
+    if port:
+        note = serverguard.secure(port)
+        if note:
+            print(f"fastcore: warning: {note}", file=sys.stderr, flush=True)
+    _WATCHES[id(made)] = StallWatch(peer_timeout)
+    return made
 
 
 def is_chief(strategy) -> bool:
@@ -145,6 +158,18 @@ def is_chief(strategy) -> bool:
 
 
 _SUMS: dict = {}   # strategy id -> its compiled all-reduce (a strategy lives as long as its process)
+_WATCHES: dict = {}   # strategy id -> the StallWatch of its calls
+
+
+def waiting(strategy):
+    """Around a call that holds collectives: a stuck peer ends it within the peer timeout (fastcore.stallwatch).
+    A multi-worker strategy made elsewhere gets the default timeout; other strategies need none."""
+    if strategy is None or not multi_worker(strategy):
+        return contextlib.nullcontext()
+    watch = _WATCHES.get(id(strategy))
+    if watch is None:
+        watch = _WATCHES[id(strategy)] = StallWatch(PEER_TIMEOUT)
+    return watch.call()
 
 
 def replica_sums(strategy, values: list[float]) -> list[float]:
@@ -158,7 +183,8 @@ def replica_sums(strategy, values: list[float]) -> list[float]:
                 return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, v * 1.0)
             return strategy.run(replica, args=(vector,))
         fn = _SUMS[id(strategy)] = tf.function(sum_over_replicas, autograph=False)
-    total = fn(tf.constant(values, tf.float32))
+    with waiting(strategy):
+        total = fn(tf.constant(values, tf.float32))
     return [float(v) for v in strategy.experimental_local_results(total)[0].numpy()]
 
 
@@ -174,15 +200,27 @@ def _all_devices() -> list[str]:
 
 
 # A separate process, since TensorFlow's constructor holds the GIL while it waits (measured: a Python
-# thread's timer never fired) and ignores SIGTERM: only SIGKILL from outside ends it.
+# thread's timer never fired) and ignores SIGTERM: only SIGKILL from outside ends it. Given a port, it
+# also guards the worker's server as soon as it listens (fastcore.serverguard), polling every 20 ms.
 WATCHDOG = """
-import os, select, signal, sys
-pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-ready, _, _ = select.select([sys.stdin], [], [], seconds)
-if not ready:
-    sys.stderr.write(message + "\\n")
-    sys.stderr.flush()
-    os.kill(pid, signal.SIGKILL)
+import os, select, signal, sys, time
+sys.path.insert(0, sys.argv[5])
+pid, seconds, message, port = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if port:
+    from fastcore import serverguard
+deadline = time.monotonic() + seconds
+while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        sys.stderr.write(message + "\\n")
+        sys.stderr.flush()
+        os.kill(pid, signal.SIGKILL)
+        break
+    ready, _, _ = select.select([sys.stdin], [], [], min(left, 0.02) if port else left)
+    if ready:
+        break
+    if port and serverguard.guard(pid, port):
+        port = 0
 """
 
 
@@ -190,16 +228,19 @@ class _deadline:
     """Ends this process with one line when the block has not finished within `seconds` (exit status 137,
     killed: the only way out of TensorFlow's multi-worker constructor, which waits for its peers forever)."""
 
-    def __init__(self, seconds: float, message: str):
-        self.seconds, self.message = seconds, message
+    def __init__(self, seconds: float, message: str, guard_port: int = 0):
+        self.seconds, self.message, self.guard_port = seconds, message, guard_port
         self.watchdog = None
 
     def __enter__(self):
         import subprocess
         line = (f"fastcore-train: error: {self.message}; is every worker started with the same TF_CONFIG "
                 f"cluster? (the timeout is --peer-timeout)")
-        self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.seconds), line],
-                                         stdin=subprocess.PIPE, stderr=sys.stderr.fileno())
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.seconds), line,
+                                          str(self.guard_port), root], stdin=subprocess.PIPE, stderr=sys.stderr.fileno())
+        if self.guard_port:
+            serverguard.allow_inspection_by(self.watchdog.pid)
         return self
 
     def __exit__(self, *exc):

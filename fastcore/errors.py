@@ -5,7 +5,11 @@ failed verify -> 1, NonFiniteError -> 3, PeerLost -> 4, Interrupted -> 130 (SIGI
 """
 from __future__ import annotations
 
+import re
+
 from pipelines.errors import DataError  # noqa: F401 (re-exported: bad or missing data files)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class FastcoreError(Exception):
@@ -61,3 +65,22 @@ class PeerLost(FastcoreError):
         where = f"last checkpoint {checkpoint!r}; continue with --resume" if checkpoint else "no checkpoint saved yet"
         super().__init__(f"a worker was lost at step {step} ({cause}); {where}")
         self.cause, self.step, self.checkpoint = cause, step, checkpoint
+
+
+def gist(error: BaseException) -> str:
+    """The line of an error that says what is wrong, without ANSI escapes: Keras wraps a layer's refusal
+    between "Exception encountered when calling ..." and the arguments it got, in bold; those are left out."""
+    for line in _ANSI.sub("", str(error)).splitlines():
+        line = line.strip()
+        if line.startswith("Arguments received by"):
+            break
+        if line and not line.startswith("Exception encountered when calling"):
+            return line
+    return type(error).__name__
+
+
+def no_gradient(optimizer: str) -> UsageError:
+    """The refusal of a step whose every gradient for `optimizer` is None (nothing would ever train)."""
+    return UsageError(f"the step has no gradient for any variable of optimizer {optimizer!r} (each is None): the "
+                      f"loss does not depend on them (a tf.stop_gradient, an integer cast, or a value computed "
+                      f"outside the GradientTape)")

@@ -4,7 +4,9 @@ Each worker is `python -m fastcore.train <train args> --strategy multi-worker` w
 naming N free loopback ports; worker 0 is the chief (it writes the run's files). Output is streamed with
 a `[worker i]` prefix. When a worker fails, the others are stopped (SIGTERM, then SIGKILL after
 --stop-timeout seconds: a worker waiting for a peer inside TensorFlow ignores SIGTERM), so nothing is
-left running and nothing hangs. The exit code is the chief's (see fastcore.train's --help).
+left running and nothing hangs. The exit code is the chief's (see fastcore.train's --help). A worker that
+ends by a signal is named in one line with its cause: what the signal means, who sent it, and the last
+telling line of its stderr (e.g. "Resource temporarily unavailable": a limit on threads was reached).
 
 On several machines, run `python -m fastcore.train <args> --strategy multi-worker` on each with a
 TF_CONFIG naming every worker's host:port and its own index (README shows one).
@@ -13,8 +15,10 @@ Imports no TensorFlow.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,10 +72,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _stream(pipe, prefix: str, sink) -> None:
+def _stream(pipe, prefix: str, sink, tail: collections.deque | None = None) -> None:
     for line in iter(pipe.readline, ""):
         sink.write(f"{prefix}{line}")
         sink.flush()
+        if tail is not None and line.strip():
+            tail.append(line.strip())
     pipe.close()
 
 
@@ -82,6 +88,8 @@ class Workers:
         ports = free_ports(count)
         self.procs: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
+        self.tails = [collections.deque(maxlen=40) for _ in range(count)]   # each worker's last stderr lines
+        self.sent: dict[int, int] = {}   # worker index -> the last signal the launcher sent it
         command = [sys.executable, "-m", "fastcore.train", *train_args]
         if "--strategy" not in train_args:
             command += ["--strategy", "multi-worker"]
@@ -90,8 +98,8 @@ class Workers:
             proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
             self.procs.append(proc)
-            for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-                thread = threading.Thread(target=_stream, args=(pipe, f"[worker {index}] ", sink), daemon=True)
+            for pipe, sink, tail in ((proc.stdout, sys.stdout, None), (proc.stderr, sys.stderr, self.tails[index])):
+                thread = threading.Thread(target=_stream, args=(pipe, f"[worker {index}] ", sink, tail), daemon=True)
                 thread.start()
                 self.threads.append(thread)
 
@@ -113,10 +121,11 @@ class Workers:
         signals = [forward, signal.SIGKILL] if forward else [None, signal.SIGTERM, signal.SIGKILL]
         for sig in signals:
             if sig is not None:
-                for proc in self.procs:
+                for index, proc in enumerate(self.procs):
                     if proc.poll() is None:
                         try:
                             os.killpg(proc.pid, sig)
+                            self.sent[index] = sig
                         except ProcessLookupError:
                             pass
             deadline = time.monotonic() + timeout
@@ -130,13 +139,55 @@ class Workers:
             thread.join(timeout=2)
 
 
-def describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+MEANINGS = {
+    "SIGABRT": "it aborted itself on a fatal error",
+    "SIGSEGV": "it crashed (invalid memory access)",
+    "SIGBUS": "it crashed (bus error: a truncated memory-mapped file, or /dev/shm full)",
+    "SIGILL": "it crashed (illegal instruction: a build for another CPU?)",
+    "SIGFPE": "it crashed (arithmetic fault)",
+    "SIGKILL": "killed from outside: the kernel's out-of-memory killer (see dmesg) or another process",
+}
+LIMITS = {   # what the last lines of a worker's stderr say -> the limit it reached
+    "Resource temporarily unavailable": "a limit on threads or processes was reached (ulimit -u, the cgroup's "
+                                        "pids.max, /proc/sys/kernel/threads-max)",
+    "Too many open files": "the open-files limit was reached (ulimit -n)",
+    "Cannot allocate memory": "out of memory",
+    "bad_alloc": "out of memory",
+    "No space left on device": "the disk is full",
+}
+_NOISE = ("@ ", "PC: @", "*** ", "[")   # frames and headers of TensorFlow's crash dump
+
+
+def cause(tail) -> str | None:
+    """The line of a worker's last stderr lines that says why it died (a C++ `what():` with the line before
+    it, a fatal log line, or the last line that is not part of a stack dump)."""
+    lines = list(tail)
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("what():"):
+            before = lines[i - 1] if i and lines[i - 1].startswith("terminate called") else ""
+            return " ".join(f"{before} {lines[i]}".split())
+    for line in reversed(lines):
+        if line.startswith("F0") or "Check failed" in line:
+            return line
+    told = [line for line in lines if not line.startswith(_NOISE) and not re.match(r"[IW]\d{4} ", line)]
+    return told[-1] if told else None
+
+
+def describe(code: int, tail=(), sent: int | None = None) -> str:
+    """How a worker ended, in words: exit code, or the signal, who sent it and what it means."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}"
+    if sent == -code:
+        return f"stopped by the launcher ({name})"
+    said = cause(tail)
+    why = next((limit for text, limit in LIMITS.items() if said and text in said), None)
+    meaning = MEANINGS.get(name, "a signal from outside")
+    return (f"killed by {name}: {meaning}" + (f": {why}" if why else "") +
+            (f" (its last words: {said[:160]!r})" if said else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     codes = [p.returncode for p in workers.procs]
     chief = codes[0]
     if any(codes):
-        print("fastcore-launch: " + ", ".join(f"worker {i} {describe(c)}" for i, c in enumerate(codes)),
-              file=sys.stderr, flush=True)
+        ended = [f"worker {i} {describe(c, workers.tails[i], workers.sent.get(i))}" for i, c in enumerate(codes)]
+        print("fastcore-launch: " + "; ".join(ended), file=sys.stderr, flush=True)
     return chief if chief >= 0 else 128 - chief
 
 

@@ -6,13 +6,16 @@
   calibrate          measures the machine's peak matmul GFLOP/s per dtype and path again (the figures
                      utilisation is computed against) and rewrites the cache.
 
-Exit codes: 0 healthy, 1 a problem found (each printed as PROBLEM with its fix), 2 bad input.
+Exit codes: 0 healthy, 1 a problem found (each printed as PROBLEM with its fix, or the calibration
+failed), 2 bad input (a damaged summary.json, a planted link in the cache folder), 130 / 143 SIGINT / SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from fastcore.engine import runguard
+from fastcore.errors import UsageError
 from fastcore.observe.doctor import doctor
 
 
@@ -35,6 +38,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    runguard.raise_on_signals()
+    try:
+        return _main(argv)
+    except runguard.Signalled as e:   # the cache is rewritten atomically: nothing is half-written
+        print(f"fastcore-profile: stopped by {e.name}", file=sys.stderr)
+        return e.exit_code
+    except UsageError as e:
+        print(f"fastcore-profile: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     from fastcore.cli import quiet
     parser = OneLineParser(prog="fastcore-profile", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)   # the plugin logs INFO lines while it loads
     if args.command == "doctor":
         return doctor(args.logdir)
-    return calibrate_main(args.dtype or ["float32", "bfloat16", "float16"], args.path or ["xla", "graph"])
+    from fastcore.observe.calibrate import Unavailable
+    try:
+        return calibrate_main(args.dtype or ["float32", "bfloat16", "float16"], args.path or ["xla", "graph"])
+    except Unavailable as e:
+        print(f"fastcore-profile: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Exit codes: 0 done, 1 `--verify` or the pre-flight check failed, 2 bad input (one line on stderr, no
 traceback), 3 NaN/Inf stopped the run (the last checkpoint holds good weights), 130 / 143 stopped by
-SIGINT / SIGTERM (checkpoint saved), 70 internal error (one line naming the saved traceback).
+SIGINT / SIGTERM, anywhere (one line; in training after saving a checkpoint), 70 internal error (one line
+naming the saved traceback).
 The flags live in fastcore/cli/args.py, the run in fastcore/cli/session.py.
 """
 from __future__ import annotations
@@ -11,11 +12,17 @@ import sys
 
 from fastcore.cli import quiet
 from fastcore.cli.args import parser
+from fastcore.engine import runguard
 
 
 def main(argv: list[str] | None = None) -> int:
+    runguard.raise_on_signals()   # from the first moment: a signal is one line, never a traceback
     quiet.silence_native_logs()
-    return run_cli(argv)
+    try:
+        return run_cli(argv)
+    except runguard.Signalled as e:   # before the run began (TensorFlow's import); session.main handles the rest
+        print(f"fastcore-train: stopped by {e.name} before the run began; nothing was written", file=sys.stderr)
+        return e.exit_code
 
 
 def run_cli(argv: list[str] | None = None) -> int:

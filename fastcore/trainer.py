@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 
 from fastcore import keras_callbacks
 from fastcore.callbacks import Callback
-from fastcore.engine import autoprecision, checkpoint, feeding, inference, preflight, sample_weights
-from fastcore.engine import loss_step as loss_steps, verify as verifying
+from fastcore.engine import autoprecision, checkpoint, feeding, inference, pathchoice, preflight, sample_weights
+from fastcore.engine import input_checks, loss_step as loss_steps, verify as verifying
 from fastcore.engine.assembly import Assembly
 from fastcore.engine.online import NothingBuilt, OnlineSteps
 from fastcore.engine.precision import Precision
@@ -51,9 +51,11 @@ class Trainer:
       precision: float32 | bfloat16 | float16 | auto (auto needs model factories to time both). Under
         mode="xla", auto may run bfloat16 as a plain graph when that step is measured faster (oneDNN's
         AMX matmuls, which XLA:CPU lacks); `run_mode` and the summary's "mode" say which ran.
-      mode: xla (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
+      mode: auto (default: XLA and a plain graph, each with one and with K steps per call, timed on the
+        run's first batches, the fastest kept; see fastcore.engine.pathchoice) | xla
+        (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
       steps_per_call: K optimizer steps per compiled call (default: about 8k examples, at most 64,
-        dividing the epoch).
+        dividing the epoch; 1 for a convnet under mode="xla").
       seed: for fastcore's data order, `ctx.seed()` and the weights of factory-built models.
       preflight: compare compiled and eager on the first batch before training (default True).
       strategy: a tf.distribute.Strategy (default None: one device, the path without any distribution
@@ -65,7 +67,7 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, loss=None, *, metrics=None, step: Callable | None = None,
-                 eval_step: Callable | None = None, precision: str = "float32", mode: str = "xla",
+                 eval_step: Callable | None = None, precision: str = "float32", mode: str = "auto",
                  steps_per_call: int | None = None, seed: int = 0, preflight: bool = True, strategy=None,
                  max_shapes: int = 8, loss_weights=None, weighted_metrics=None):
         self.options = TrainerOptions(precision, mode, steps_per_call, seed, preflight, max_shapes)
@@ -77,6 +79,8 @@ class Trainer:
         self.warm_up_seconds: float | None = None
         self._built_models: dict | None = None
         self._k = 1   # steps per compiled call of the feed in use (set by fit / verify)
+        self._paths: dict[int, pathchoice.Path] = {}   # the compiled path per batch size (mode="auto" times it)
+        self.path: pathchoice.Path | None = None        # the path of the built step
         self._online = OnlineSteps(self._built_for)
 
     @property
@@ -97,8 +101,9 @@ class Trainer:
 
     @property
     def run_mode(self) -> str:
-        """The compiled path the run uses: `mode`, unless precision="auto" chose bfloat16 as a plain graph."""
-        return (self.precision and self.precision.mode) or self.mode
+        """The compiled path the run uses: `mode` (as auto chose it), unless precision="auto" chose bfloat16
+        as a plain graph."""
+        return (self.precision and self.precision.mode) or (self.path and self.path.mode) or self.mode
 
     def build(self, feed: feeding.Feed, resume_from: str | None = None) -> Engine:
         """Resolve the precision, build the models (factories) and optimizers, and set up the compiled step
@@ -112,8 +117,9 @@ class Trainer:
                                  f"got {feed.batch_size}: use a new Trainer for another batch size")
             self.engine = None   # built for evaluate/predict only: build again for this batch size
         recorded = checkpoint.recorded_precision(resume_from) if resume_from else None
-        k = self._steps_per_call(feed)
-        self.precision = autoprecision.decide(self.options.precision, self.mode, self.assembly,
+        self.path = self._path_for(feed)
+        k = self.path.steps_per_call
+        self.precision = autoprecision.decide(self.options.precision, self.path.mode, self.assembly,
                                               lambda: next(iter(feed.dataset.take(1))), feed.batch_size, k,
                                               built=self._built_models is not None, recorded=recorded)
         self.assembly.check_policy(self.models, self.precision)
@@ -122,13 +128,14 @@ class Trainer:
         return self.engine
 
     def _steps_per_call(self, feed: feeding.Feed) -> int:
-        # XLA:CPU compiles convolutions inside the K-step tf.while_loop into a far slower program: the Keras
-        # MNIST convnet ran 2,328 ex/s as a graph, 331 under XLA at K=1, 57 at K=4, 28 at K=46 (plain TF
-        # alike: 2,176 at K=1, 159 at K=4); the guide's GAN 441 at K=1, 34 at K=10. So K=1 by default there.
-        if self.options.steps_per_call:
-            return self.options.steps_per_call
-        most = 1 if self.mode == "xla" and self.assembly.convolutional() else feeding.MAX_STEPS_PER_CALL
-        return feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying), most=most)
+        return self._path_for(feed).steps_per_call
+
+    def _path_for(self, feed: feeding.Feed) -> pathchoice.Path:
+        """The compiled path and K for feed's batch size: as asked, or timed once on its first batches."""
+        if feed.batch_size not in self._paths:
+            self._paths[feed.batch_size] = pathchoice.resolve(self.mode, self.options.steps_per_call,
+                                                              self.options.precision, self.assembly, feed)
+        return self._paths[feed.batch_size]
 
     def feed(self, x, y=None, *, batch_size: int | None = None, steps_per_epoch: int | None = None,
              source: str | None = None, sample_weight=None) -> feeding.Feed:
@@ -140,6 +147,7 @@ class Trainer:
             return feeding.training_feed(x, y, batch_size=batch_size, steps_per_call=k, seed=self.options.seed,
                                          steps_per_epoch=steps_per_epoch, source=source, sample_weight=sample_weight)
         probe = make(1)
+        input_checks.features(probe.dataset.element_spec, self.mode, "training")
         k = self._steps_per_call(probe)
         return probe if k == 1 else make(k)
 
@@ -176,19 +184,23 @@ class Trainer:
 
     def fit(self, x=None, y=None, *, batch_size: int | None = None, epochs: int = 1, verbose: bool = True,
             callbacks: Sequence[Callback] = (), validation_data=None, validation_batch_size: int | None = None,
-            steps_per_epoch: int | None = None, steps: int | None = None, run_dir: str | None = None,
-            checkpoint_dir: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
+            validation_steps: int | None = None, steps_per_epoch: int | None = None, steps: int | None = None,
+            run_dir: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
+            resume: bool = False,
             profile_steps: str | None = None, summary_every: int | None = None,
             deterministic: bool = False, sample_weight=None, class_weight=None) -> FitResult:
         """Train; Keras' arguments plus fastcore's few. Returns FitResult(history, summary, run_dir).
 
         x, y: numpy arrays (in-memory fast path), or x a tf.data.Dataset of batches (tuples or dicts) and
           y None. validation_data: (x_val, y_val) arrays or a dataset of batches; every example counts
-          exactly once. epochs, or steps (total optimizer steps); steps_per_epoch for a dataset of
-          unknown length.
+          exactly once (validation_steps: only that many batches; an endless dataset needs it). epochs,
+          or steps (total optimizer steps); steps_per_epoch for a dataset of unknown length.
         run_dir: where TensorBoard scalars, the profile trace, checkpoints and summary.json go (None: no
           files). checkpoint_dir defaults to <run_dir>/checkpoints; checkpoint_every in steps (default: an
           epoch); resume continues from its latest checkpoint. profile_steps "A:B" traces steps A..B.
+        Steps are the optimizer's, counted over every fit of this Trainer: a second fit trains `epochs` more
+          (as Keras) and ckpt-N holds step N; with resume, epochs/steps are the whole run's length from its
+          first step, so a run already that long is complete.
         deterministic: TensorFlow op determinism (a resumed run then ends bit-identical).
         A run directory is locked while fit runs (a second fit on it is refused). SIGINT/SIGTERM stop after
         the compiled call in flight with a checkpoint and raise Interrupted.
@@ -196,8 +208,9 @@ class Trainer:
         CheckpointMismatch, Interrupted; all with one-line messages. `run()` takes every option as a record.
         """
         options = FitOptions(epochs=epochs, steps=steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                             validation_batch_size=validation_batch_size, run_dir=run_dir,
-                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                             validation_batch_size=validation_batch_size, validation_steps=validation_steps,
+                             run_dir=run_dir, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             resume=resume,
                              profile_steps=profile_steps, summary_every=summary_every,
                              deterministic=deterministic, verbose=verbose)
         return self.run(x, y, options, validation_data=validation_data, callbacks=callbacks,
@@ -215,17 +228,18 @@ class Trainer:
         if self.assembly.loss is not None:
             loss_steps.unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
         engine = self.build(feed, resume_from=options.checkpoint_folder if options.resume else None)
-        run = Run(engine, feed, self._k, self.precision, self.run_mode, options, strategy=self.strategy,
+        run = Run(engine, feed, self._k, self.precision, self.run_mode, options, self.path.reason, strategy=self.strategy,
                   identity_records=(self.options,))
         engine.ledger.varying_shapes = bool(feed.varying)
         if self.assembly.loss is not None:
             loss_steps.check(engine, feed.dataset.element_spec, stacked=self._k > 1)
+            input_checks.training_labels(engine, feed)
         epochs = options.epochs if options.steps is None else -(-options.steps // feed.steps_per_epoch)
         callbacks = keras_callbacks.adapt(callbacks, engine, epochs=epochs, steps_per_epoch=feed.steps_per_epoch)
         if validation_data is not None:
             if engine.eval_fn is None:
                 raise UsageError("validation_data needs an eval_step (a step function has no default evaluation)")
-            run.evaluation = _evaluation_batches(validation_data, options.validation_batch_size)
+            run.evaluation = input_checks.validation(engine, validation_data, options, self.run_mode)
         if self.options.preflight and self.run_mode != "eager":
             run.preflight = self.preflight
         run.warm_up_seconds = lambda: self.warm_up_seconds
@@ -277,9 +291,3 @@ class Trainer:
                     "data": "batches given one at a time"}
         return self.engine, self.precision.name, identity
 
-
-def _evaluation_batches(validation_data, batch_size):
-    if isinstance(validation_data, tuple) and not feeding.is_dataset(validation_data[0]):
-        return feeding.eval_batches(validation_data[0], validation_data[1], batch_size=batch_size,
-                                    sample_weight=validation_data[2] if len(validation_data) == 3 else None)
-    return feeding.eval_batches(validation_data, batch_size=batch_size)

@@ -274,13 +274,13 @@ def test_graph_counted_flops_of_the_builtin_mlps_match_the_textbook_formula(task
 
 
 def test_a_convolutional_model_under_xla_defaults_to_one_step_per_call():
-    """XLA:CPU makes convolutions inside the K-step loop far slower (see Trainer._steps_per_call): the default K
-    is 1 for a convnet under XLA, and stays the examples-per-call rule for an MLP or a graph-mode convnet."""
+    """XLA:CPU makes convolutions inside the K-step loop far slower (see fastcore.engine.pathchoice): under
+    mode="xla" the default K is 1 for a convnet, and stays the examples-per-call rule in graph mode."""
     def conv():
         return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
                                  keras.layers.Dense(1)])
     x, y = np.zeros((512, 8, 8, 1), "float32"), np.zeros((512, 1), "float32")
-    xla = fastcore.Trainer(conv, keras.optimizers.SGD(), loss="mse")
+    xla = fastcore.Trainer(conv, keras.optimizers.SGD(), loss="mse", mode="xla")
     graph = fastcore.Trainer(conv, keras.optimizers.SGD(), loss="mse", mode="graph")
     assert xla.fit(x, y, batch_size=32, epochs=1, verbose=False).summary["steps_per_call"] == 1
     assert graph.fit(x, y, batch_size=32, epochs=1, verbose=False).summary["steps_per_call"] == 16

@@ -23,6 +23,7 @@ from fastcore.trainer import Trainer
 # Marks on RunConfig's fields: STEP_COST fields change what a step costs (the --threads auto cache key);
 # IDENTITY fields make a run this run (a resume with any of them changed is refused).
 STEP_COST = {"step_cost": True}
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass
@@ -135,6 +136,12 @@ def check(config: RunConfig):
         raise UsageError(f"--l2 {config.l2} is negative: use 0 for none or a small positive weight like 1e-3")
     if config.model_api not in MODEL_APIS:
         raise UsageError(f"unknown --model-api {config.model_api!r}: choose one of {', '.join(MODEL_APIS)}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise UsageError(f"--seed {config.seed} is outside 0 to {MAX_SEED} (the range numpy and TensorFlow seed from)")
+    name = config.run_name
+    if name is not None and (name in (".", "..") or any(sep and sep in name for sep in ("/", os.sep, os.altsep))):
+        raise UsageError(f"--run-name {name!r} must name one folder inside --logdir (no path separator, no '..'): "
+                         f"put the path in --logdir instead")
     run_dir = os.path.join(config.logdir, config.run_name or default_run_name(config))
     for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir),
                          ("the run directory", run_dir)):

@@ -1,8 +1,9 @@
 """One CLI run, start to finish: plan, optional verify, Trainer.fit, summary.json, exit code.
 
 Exit codes, one meaning each: 0 done, 1 verify or pre-flight disagreement, 2 bad input, 3 non-finite,
-4 a multi-worker peer was lost or did not join (fastcore.distribute), 130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved), 70 an internal error (one line on stderr
-naming the file that holds the traceback).
+4 a multi-worker peer was lost or did not join (fastcore.distribute), 130 / 143 stopped by SIGINT / SIGTERM
+(in training: after a checkpoint; anywhere else: one line saying which checkpoint is on disk), 70 an
+internal error (one line on stderr naming the file that holds the traceback).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pipelines
 from fastcore import atomic
 from fastcore.cli import plan as planning, quiet, threads
 from fastcore import distribute
+from fastcore.engine.runguard import Signalled
 from fastcore.options import FitOptions, identity_fields
 from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
 
@@ -66,8 +68,15 @@ def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
 
 def main(args: argparse.Namespace) -> int:
     """Run, and turn every outcome into its exit code; an unexpected error is one line plus a traceback file."""
+    where = {"phase": "while preparing the run", "checkpoint_dir": None}   # what a signal interrupted
     try:
-        return _main(args)
+        return _main(args, where)
+    except Signalled as e:   # outside the training loop (the loop stops at a call end: Interrupted)
+        folder = where["checkpoint_dir"]
+        newest = _newest_checkpoint(folder) if folder else None
+        kept = f"the newest checkpoint is {newest!r}; continue with --resume" if newest else "no checkpoint was written"
+        print(f"fastcore-train: stopped by {e.name} {where['phase']}; {kept}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:   # noqa: BLE001 (the last resort: one line, never a traceback on the terminal)
         fd, path = tempfile.mkstemp(prefix="fastcore-error-", suffix=".txt")
         with os.fdopen(fd, "w") as f:
@@ -77,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, where: dict) -> int:
     quiet.silence_python_logs()
     config = config_from_args(args)
     try:
@@ -98,8 +107,9 @@ def _main(args: argparse.Namespace) -> int:
     if strategy is not None:
         print(f"distributed: {p.trainer.engine.placement}", flush=True)
     path = os.path.join(p.run_dir, "summary.json")
-    if config.resume and not _has_checkpoint(p.checkpoint_dir):
+    if config.resume and not _newest_checkpoint(p.checkpoint_dir):
         print(f"--resume: no checkpoint in {p.checkpoint_dir!r} yet; starting from step 0", flush=True)
+    where.update(phase="during the run", checkpoint_dir=p.checkpoint_dir)
     try:
         summary, _ = train_and_summarize(p)
     except (CheckpointMismatch, UsageError, pipelines.DataError) as e:
@@ -120,6 +130,7 @@ def _main(args: argparse.Namespace) -> int:
     except distribute.PEER_FAULTS as e:   # outside training (verify, evaluation): no step to name
         print(f"fastcore-train: stopped: a worker was lost ({distribute.first_line(e)})", file=sys.stderr)
         return distribute.EXIT_PEER_LOST
+    where["phase"] = "after the run"
     if "verify" in summary and not summary["verify"]["passed"]:
         if chief:
             atomic.write_json(path, summary)
@@ -139,12 +150,14 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{summary['steps']} steps in one compiled call ({summary['first_call_seconds']:.2f} s with compile): "
               f"too short for a steady-state throughput figure", flush=True)
     print("\n".join(tensorboard.final_lines(summary)), flush=True)
+    if "utilisation_left_out" in summary:
+        print(f"utilisation: left out ({summary['utilisation_left_out']})", flush=True)
     if tensorboard.retrace_warning(summary):
         print(tensorboard.retrace_warning(summary), file=sys.stderr, flush=True)
     print(f"summary: {path}", flush=True)
     return 0
 
 
-def _has_checkpoint(folder: str) -> bool:
+def _newest_checkpoint(folder: str) -> str | None:
     from fastcore.engine import checkpoint
-    return bool(checkpoint.on_disk(folder))
+    return (checkpoint.on_disk(folder) or [None])[0]

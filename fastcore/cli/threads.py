@@ -6,7 +6,9 @@ Small steps lose more to handing work to a second thread than they gain from it.
 step's matmuls alone) picked wrongly for HIGGS (9.3 vs 10.6 ms), so the step itself is timed: the run's
 plan is built in two child processes (the thread count is fixed when TensorFlow starts), one on one thread
 and one on all, and each times its compiled training call on one batch. The faster wins (one thread only
-by a 5% margin) and the answer is cached per machine and run configuration (a few seconds, once).
+by a 5% margin) and the answer is cached per machine and run configuration (a few seconds, once). A cached
+answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is timed
+again. The children work in one private temp folder, removed when they end.
 Library users set it themselves: tf.config.threading.set_intra_op_parallelism_threads(n) before any op.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ BUDGET_SECONDS = 1.0
 MIN_CALLS = 5
 MARGIN = 1.05
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
-
+PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
 
 
 def use(count: int | None) -> None:
@@ -59,15 +61,18 @@ def tensorflow_started() -> bool:
 def choose(config) -> tuple[int | None, str]:
     """(1 or None, why) for a RunConfig: one thread when the run's step is measurably faster on one."""
     from fastcore.observe import calibrate   # the machine key and its locked cache
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("step_cost")}
-    key = f"threads/v{KEY_VERSION}/" + json.dumps(fields, sort_keys=True)
+    fields = step_cost(config)
+    key = cache_key(config)
     entry = calibrate.cached(key)
-    cached = entry is not None
-    if entry is None:
+    cached = _plausible(entry)
+    if not cached:
         try:
-            entry = {"one": _time_in_child(1, fields), "all": _time_in_child(0, fields)}
+            with tempfile.TemporaryDirectory(prefix="fastcore-threads-") as scratch:
+                entry = {"one": _time_in_child(1, fields, scratch), "all": _time_in_child(0, fields, scratch)}
         except RuntimeError:   # bad data or flags: the run itself reports them in its one line
             return None, "the step could not be timed, so all cores"
+        if not _plausible(entry):
+            return None, "the step's timing was implausible, so all cores"
         calibrate.store(key, entry)
     one, every = entry["one"], entry["all"]
     pick = 1 if one * MARGIN < every else None
@@ -76,21 +81,37 @@ def choose(config) -> tuple[int | None, str]:
     return pick, why
 
 
-def _time_in_child(count: int, fields: dict) -> float:
-    done = subprocess.run([sys.executable, "-m", "fastcore.cli.threads", str(count), json.dumps(fields)],
+def step_cost(config) -> dict:
+    """The RunConfig fields that change what a step costs (what the timing children rebuild)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("step_cost")}
+
+
+def cache_key(config) -> str:
+    """Where the answer for this configuration is cached (beside the machine's calibration)."""
+    return f"threads/v{KEY_VERSION}/" + json.dumps(step_cost(config), sort_keys=True)
+
+
+def _plausible(entry) -> bool:
+    low, high = PLAUSIBLE_SECONDS
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(name), float) and low <= entry[name] <= high for name in ("one", "all"))
+
+
+def _time_in_child(count: int, fields: dict, scratch: str) -> float:
+    done = subprocess.run([sys.executable, "-m", "fastcore.cli.threads", str(count), json.dumps(fields), scratch],
                           capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"timing the step for --threads auto failed: {done.stderr.strip()[-300:]}")
     return float(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def _seconds_per_example(count: int, fields: dict) -> float:
+def _seconds_per_example(count: int, fields: dict, scratch: str) -> float:
     """In the child: build the run's plan on `count` threads (0: all) and time its training call."""
     use(count or None)
     import tensorflow as tf
 
     from fastcore.cli import plan as planning
-    config = planning.RunConfig(**fields, logdir=tempfile.mkdtemp(prefix="fastcore-threads-"), preflight=False)
+    config = planning.RunConfig(**fields, logdir=scratch, preflight=False)
     p = planning.plan(config)
     engine = p.trainer.engine   # built by plan()
     batch = next(iter(p.feed.dataset.take(1)))
@@ -106,4 +127,4 @@ def _seconds_per_example(count: int, fields: dict) -> float:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_seconds_per_example(int(sys.argv[1]), json.loads(sys.argv[2]))), flush=True)
+    print(json.dumps(_seconds_per_example(int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3])), flush=True)

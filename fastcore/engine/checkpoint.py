@@ -4,7 +4,8 @@ makes the run the run it is (its identity) with its history so far.
 Saved with tf.train.Checkpoint through a CheckpointManager (keeps the last few). A save writes its files
 first and only then rewrites the `checkpoint` index (atomically), so a crash during a save leaves the
 previous checkpoint the latest usable one. Promises, each tested (tests/test_faults.py):
-  - a checkpoint is never written holding a NaN/Inf weight (checked in-graph per call, and again here);
+  - a checkpoint is never written holding a NaN/Inf (the weights checked in-graph per call; every variable
+    it saves, moving statistics and optimizer state included, here);
   - resume refuses a run that differs (data, splits, batch, seed, steps per call, model, optimizer,
     precision), naming each field old -> new; only the length (epochs, steps) may change;
   - a damaged newest checkpoint is named and the newest intact one is used; a garbage index file is
@@ -13,6 +14,8 @@ previous checkpoint the latest usable one. Promises, each tested (tests/test_fau
 """
 from __future__ import annotations
 
+import atexit
+import fnmatch
 import glob
 import json
 import os
@@ -120,8 +123,9 @@ class Checkpoints(Callback):
 
     `with_data=False` leaves the data iterator out (a pipeline whose position cannot be saved): a resumed
     run then restarts its data from the beginning. `say` prints a one-line note (damage, a failed save).
-    `writer=False` (a multi-worker run's non-chief workers): saves go to a temp folder removed after each
-    save, as tf.distribute asks every worker to save; restores read `directory` (the chief's).
+    `writer=False` (a multi-worker run's non-chief workers): saves go to one private temp folder (mkdtemp,
+    kept for the run and emptied after each save, so no known path is ever re-created), as tf.distribute
+    asks every worker to save; restores read `directory` (the chief's).
     """
 
     def __init__(self, directory: str, every_steps: int, resume: bool, precision: str, identity: dict,
@@ -148,7 +152,10 @@ class Checkpoints(Callback):
             steps=engine.steps, applied=engine.applied, precision=tf.Variable(self.precision, trainable=False),
             identity=tf.Variable(json.dumps(self.identity, sort_keys=True), trainable=False),
             history=self.history_variable, **parts)
-        target = self.directory if self.writer else tempfile.mkdtemp(prefix="fastcore-worker-checkpoint-")
+        target = self.directory
+        if not self.writer:
+            target = tempfile.mkdtemp(prefix="fastcore-worker-checkpoint-")
+            atexit.register(shutil.rmtree, target, True)   # a run that ends by an exception leaves nothing
         self.manager = tf.train.CheckpointManager(self.checkpoint, target, max_to_keep=self.keep)
 
     @property
@@ -159,6 +166,8 @@ class Checkpoints(Callback):
         return self.manager.latest_checkpoint
 
     def on_train_begin(self, loop) -> None:
+        if self.writer and os.path.isdir(self.directory):   # the run holds its lock on the folder (engine/run.py)
+            remove_stale_temps(self.directory)
         note = repair_state(self.directory) if os.path.isdir(self.directory) else None
         if note:
             self.say(note)
@@ -210,17 +219,21 @@ class Checkpoints(Callback):
     def on_train_end(self, loop) -> None:
         if self.saved_at != loop.steps_done:
             self.save(loop)
+        if not self.writer:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
 
     def save(self, loop) -> None:
-        """Save now, unless a weight is not finite (never a bad checkpoint) or the disk refuses (said once)."""
-        weights = [v for v in loop.engine.model_variables if v.trainable]
-        if not all(np.isfinite(v.numpy()).all() for v in weights):
-            self.failed_saves.append(f"step {loop.steps_done}: a weight is NaN/Inf")
+        """Save now, unless a variable is not finite (never a bad checkpoint) or the disk refuses (said once)."""
+        bad = not_finite(loop.engine.state_variables)
+        if bad:
+            line = (f"checkpoint at step {loop.steps_done} not written: {bad} is NaN/Inf; "
+                    f"{self.latest or 'no earlier checkpoint'} stays the latest")
+            self.failed_saves.append(line)
+            self.say(line)
+            self.saved_at = loop.steps_done   # tried at this step (a disk failure counts so too): once
             return
         self.history_variable.assign(json.dumps(self.previous_history + loop.history))
         try:
-            if not self.writer:
-                os.makedirs(self.manager.directory, exist_ok=True)
             self.manager.save(checkpoint_number=loop.steps_done)
         except (tf.errors.OpError, OSError) as e:
             folder = glob.escape(self.directory)
@@ -232,8 +245,41 @@ class Checkpoints(Callback):
             self.failed_saves.append(line)
             self.say(line)
         if not self.writer:
-            shutil.rmtree(self.manager.directory, ignore_errors=True)
+            _empty(self.manager.directory)
         self.saved_at = loop.steps_done
+
+
+def not_finite(variables) -> str | None:
+    """The name of the first floating-point variable holding a NaN/Inf (None: every one is finite)."""
+    for v in variables:
+        if tf.as_dtype(v.dtype).is_floating and not np.isfinite(np.asarray(v.numpy(), np.float32)).all():
+            return getattr(v, "path", None) or v.name
+    return None
+
+
+def remove_stale_temps(directory: str) -> None:
+    """Remove the `ckpt-N_temp` folders a save killed midway (SIGKILL) left in `directory`; a symlink is
+    unlinked, never followed."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if fnmatch.fnmatch(entry.name, "ckpt-*_temp*"):
+                _remove(entry)
+
+
+def _empty(directory: str) -> None:
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            _remove(entry)
+
+
+def _remove(entry: os.DirEntry) -> None:
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)   # fd-based on Linux: never follows a symlink inside
+        else:
+            os.unlink(entry.path)
+    except FileNotFoundError:
+        pass
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,7 +11,8 @@ logical devices and MultiWorkerMirroredStrategy over 2 loopback workers):
     called in, so the K-step loop and the finiteness guard's tf.cond live in that outer function, around
     `strategy.run`, never inside the replica function.
 The guard stays global: every replica's loss-and-gradient sum is all-reduced before the cond, so all
-replicas (and workers) take the same branch and never drift apart.
+replicas (and workers) take the same branch and never drift apart. Every compiled call runs under
+distribute.waiting: a call stuck on a peer that stopped answering ends within the peer timeout.
 
 Data: every replica receives the global batch and takes its own slice (replica r of R takes rows
 r*B/R..(r+1)*B/R). The steps then see exactly the batches a single-device run sees, which is what the
@@ -83,7 +84,7 @@ class DistributedEngine(Engine):
         """Compiled per replica: (logs, {optimizer: [gradient]}, this replica's finiteness sum)."""
         logs, grads = self.compute(batch)
         self._grad_variables = {name: [v for _, v in pairs] for name, pairs in grads.items()}
-        sums = finiteness_sum(list(logs.values()), [g for pairs in grads.values() for g, _ in pairs])
+        sums = finiteness_sum(self.guarded(logs), [g for pairs in grads.values() for g, _ in pairs])
         return logs, {name: [g for g, _ in pairs] for name, pairs in grads.items()}, sums
 
     def compute_checked(self, batch, phase: int = 0, draws: int = 0):
@@ -119,7 +120,7 @@ class DistributedEngine(Engine):
 
     def _compile(self, fn):
         # Never jit_compile around strategy.run (see the module doc): the replica function is the XLA part.
-        return tf.function(fn, autograph=False)
+        return _Watched(tf.function(fn, autograph=False), self.strategy)
 
     # -- agreement -----------------------------------------------------------------------------------
     def any_worker(self, flag: bool) -> bool:
@@ -140,5 +141,20 @@ class DistributedEngine(Engine):
                 every = tf.distribute.get_replica_context().all_gather(flat[None], axis=0)
                 return tf.reduce_max(tf.abs(every - every[0:1]))
             self._gather_spread = tf.function(gather, autograph=False)
-        spread = self.strategy.run(self._gather_spread)
+        with distribute.waiting(self.strategy):
+            spread = self.strategy.run(self._gather_spread)
         return float(max(float(v) for v in self.strategy.experimental_local_results(spread)))
+
+
+class _Watched:
+    """A compiled function whose calls run under distribute.waiting; anything else is the function's."""
+
+    def __init__(self, fn, strategy):
+        self._fn, self._strategy = fn, strategy
+
+    def __call__(self, *args, **kwargs):
+        with distribute.waiting(self._strategy):
+            return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)

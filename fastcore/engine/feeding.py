@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import pipelines
 from fastcore.errors import UsageError
+from fastcore.options import positive
 
 PREFETCH = 2   # compiled calls' batches ready ahead (see pipelines.common for the measurements)
 CALL_EXAMPLES = 8192   # default steps per call: about this many examples per compiled call...
@@ -58,22 +59,35 @@ class Feed:
     fingerprint: str            # what the data is, for a resume's same-run check (see fingerprint())
     user_dataset: tf.data.Dataset | None = None   # the dataset as given (None for arrays): its first batch is hashed
     varying: tuple[str, ...] = ()   # the dimensions whose size varies from batch to batch (see varying_dims)
+    labels: object = None           # the label arrays (arrays given), for checks before the first step
 
 
 def is_dataset(data) -> bool:
     return isinstance(data, tf.data.Dataset)
 
 
-def _arrays(x, y, source: str, sample_weight=None) -> pipelines.Arrays:
+def _arrays(x, y, source: str, sample_weight=None, what: str = "training") -> pipelines.Arrays:
     """Arrays from numpy x, y (each an array, or a dict / list of them: several inputs or outputs) and
-    optional sample weights (one [N] array, or one per output); float64 becomes float32."""
+    optional sample weights (one [N] array, or one per output); float64 becomes float32. Arrays numpy
+    cannot hold as numbers of one shape (ragged rows, Python objects) are refused here, in one line."""
     if y is None:
-        raise UsageError("numpy training data needs both x and y (a dataset carries its own labels)")
+        raise UsageError(f"numpy {what} data needs both x and y (a dataset carries its own labels)")
 
-    def array(a):
-        a = np.asarray(a)
+    def array(a, name):
+        try:
+            a = np.asarray(a)
+        except ValueError as e:   # numpy >= 1.24: rows of different lengths
+            raise UsageError(f"the {what} {name} cannot be one numpy array ({str(e).splitlines()[0]}): pad its "
+                             f"rows to one length") from None
+        if a.ndim == 0:
+            raise UsageError(f"the {what} {name} holds a single value where an array of examples belongs (a Python "
+                             f"list is read as one entry per model input): give a numpy array, e.g. "
+                             f"np.asarray(rows, np.float32)")
+        if a.dtype == object:
+            raise UsageError(f"the {what} {name} has dtype object (rows of different lengths, or mixed types): "
+                             f"give a numeric numpy array, its rows padded to one length")
         return a.astype(np.float32) if a.dtype == np.float64 else a
-    x, y = tf.nest.map_structure(array, x), tf.nest.map_structure(array, y)
+    x, y = (tf.nest.map_structure(lambda a: array(a, name), v) for name, v in (("x", x), ("y", y)))
     if sample_weight is not None:
         sample_weight = tf.nest.map_structure(lambda a: np.asarray(a, np.float32), sample_weight)
     counts = {what: {len(a) for a in tf.nest.flatten(v)} for what, v in
@@ -87,6 +101,8 @@ def _arrays(x, y, source: str, sample_weight=None) -> pipelines.Arrays:
 def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, seed: int,
                   steps_per_epoch: int | None = None, source: str | None = None, sample_weight=None) -> Feed:
     """A Feed from arrays (x, y[, sample_weight]) or from a dataset of batches `x` (then y must be None)."""
+    positive("batch_size", batch_size, optional=True)
+    positive("steps_per_epoch", steps_per_epoch, optional=True)
     if is_dataset(x):
         if y is not None:
             raise UsageError("y must be None when x is a tf.data.Dataset: its elements carry the labels")
@@ -95,12 +111,14 @@ def training_feed(x, y=None, *, batch_size: int | None, steps_per_call: int, see
         return _dataset_feed(x, batch_size, steps_per_call, steps_per_epoch, source or "tf.data.Dataset")
     data = x if isinstance(x, pipelines.Arrays) else _arrays(x, y, source or "numpy arrays", sample_weight)
     batch_size = batch_size or 32
+    if not len(data):
+        raise UsageError("the training arrays hold no examples")
     if batch_size > len(data):
         raise UsageError(f"batch size {batch_size} is larger than the {len(data)} training examples: "
                          f"use at most {len(data)}")
     per_epoch = steps_per_epoch or len(data) // batch_size
     stream = pipelines.train_stream(data, batch_size, seed, steps_per_call)
-    return Feed(stream, batch_size, per_epoch, data.source, fingerprint(data))
+    return Feed(stream, batch_size, per_epoch, data.source, fingerprint(data), labels=data.y)
 
 
 def batch_feed(batch) -> Feed:
@@ -160,7 +178,7 @@ def fingerprint(data: pipelines.Arrays) -> str:
 def check_shapes(spec, what: str) -> int | None:
     """The static batch size of a dataset of batches (None if it varies). Other dimensions may vary."""
     batch_dims = set()
-    for path, leaf in _leaves(spec):
+    for path, leaf in leaves(spec):
         shape = leaf.shape
         if shape.rank is None or shape.rank == 0:
             raise UsageError(f"the {what} dataset's element {path} has shape {shape}: elements must be "
@@ -173,7 +191,7 @@ def check_shapes(spec, what: str) -> int | None:
 
 def varying_dims(spec) -> tuple[str, ...]:
     """Which non-batch dimensions of a dataset's batches vary, e.g. ("element 0 dimension 1",)."""
-    return tuple(f"element {path} dimension {i}" for path, leaf in _leaves(spec)
+    return tuple(f"element {path} dimension {i}" for path, leaf in leaves(spec)
                  for i, d in enumerate(leaf.shape.as_list()[1:], start=1) if d is None)
 
 
@@ -195,12 +213,12 @@ def stacked_calls(ds: tf.data.Dataset, steps_per_call: int, varying: bool) -> tf
                               window_size=steps_per_call)
 
 
-def _leaves(spec):
+def leaves(spec):
     """(name, spec) per leaf: 'x', '0', 'features' ... so a message can point at the element that is wrong."""
     if isinstance(spec, dict):
-        return [(f"'{key}'", leaf) for key in sorted(spec) for _, leaf in _leaves(spec[key])]
+        return [(f"'{key}'", leaf) for key in sorted(spec) for _, leaf in leaves(spec[key])]
     if isinstance(spec, (tuple, list)):
-        return [(f"{i}", leaf) for i, part in enumerate(spec) for _, leaf in _leaves(part)]
+        return [(f"{i}", leaf) for i, part in enumerate(spec) for _, leaf in leaves(part)]
     return [("x", spec)]
 
 
@@ -221,20 +239,33 @@ def fixed_batches(ds: tf.data.Dataset, size: int) -> tf.data.Dataset:
     return ds.filter(full).map(pin)
 
 
-def eval_batches(data, y=None, *, batch_size: int | None, sample_weight=None) -> tf.data.Dataset:
+def eval_batches(data, y=None, *, batch_size: int | None, sample_weight=None, steps: int | None = None,
+                 what: str = "evaluation") -> tf.data.Dataset:
     """(batch, weights) pairs covering every example exactly once, all of one batch size: the last batch
     is padded with copies of its own rows, weight 0. `data` is arrays (x, y[, sample_weight]) or a dataset
-    of batches (y None)."""
+    of batches (y None). `steps`: only the first `steps` batches; an endless dataset is refused without it
+    (its evaluation would never end)."""
+    positive("batch_size", batch_size, optional=True)
+    positive("steps", steps, optional=True)
     if is_dataset(data):
-        return _padded_dataset(data, batch_size)
-    arrays = data if isinstance(data, pipelines.Arrays) else _arrays(data, y, "numpy arrays", sample_weight)
-    size = min(len(arrays), batch_size or max(1024, 1))
-    stream = pipelines.eval_stream(arrays, size)
-    return stream.map(lambda *element: (tuple(element[:-1]), element[-1]))
+        batches = _padded_dataset(data, batch_size, steps is not None, what)
+    else:
+        arrays = data if isinstance(data, pipelines.Arrays) else _arrays(data, y, "numpy arrays", sample_weight, what)
+        if not len(arrays):
+            raise UsageError(f"the {what} arrays hold no examples")
+        size = min(len(arrays), batch_size or max(1024, 1))
+        batches = pipelines.eval_stream(arrays, size).map(lambda *element: (tuple(element[:-1]), element[-1]))
+    return batches if steps is None else batches.take(steps)
 
 
-def _padded_dataset(ds: tf.data.Dataset, batch_size: int | None) -> tf.data.Dataset:
-    dim = check_shapes(ds.element_spec, "evaluation")
+def _padded_dataset(ds: tf.data.Dataset, batch_size: int | None, counted: bool, what: str) -> tf.data.Dataset:
+    cardinality = int(ds.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY and not counted:
+        raise UsageError(f"the {what} dataset is endless (.repeat() without a count): its evaluation would never "
+                         f"end; pass validation_steps (batches per evaluation), or drop the .repeat()")
+    if cardinality == 0:
+        raise UsageError(f"the {what} dataset holds no batches")
+    dim = check_shapes(ds.element_spec, what)
     size = dim or batch_size or first_batch_size(ds)
 
     def pad(*element):

@@ -10,6 +10,8 @@ per batch (the trace ledger's "predict" entry counts them, within the engine's `
 """
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 
 import keras
@@ -31,6 +33,7 @@ def evaluate(engine, x, y=None, *, batch_size: int | None = None, sample_weight=
     """{name: mean over every example of `x`} ("loss", metrics), as Keras' evaluate(return_dict=True).
 
     `x, y[, sample_weight]` numpy arrays (or dicts / lists of them), or `x` a tf.data.Dataset of batches.
+    A NaN/Inf value is returned as computed, with a RuntimeWarning naming it.
     return_dict=False: the loss alone when it is the only value, else the values in order (as Keras)."""
     if feeding.is_dataset(x) and (y is not None or sample_weight is not None):
         raise UsageError("y and sample_weight must be None when x is a tf.data.Dataset: its elements carry them")
@@ -38,6 +41,10 @@ def evaluate(engine, x, y=None, *, batch_size: int | None = None, sample_weight=
         raise UsageError("evaluate needs an evaluation: give eval_step= with step= (a step function has none)")
     batches = feeding.eval_batches(x, y, batch_size=batch_size, sample_weight=sample_weight)
     values = {name[len("eval_"):]: value for name, value in loop.evaluate(engine, batches).items()}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:   # returned as computed, but never passed off as a normal figure
+        warnings.warn(f"evaluate: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} NaN/Inf (labels the loss "
+                      f"cannot take, or NaN/Inf in the data or weights)", RuntimeWarning, stacklevel=3)
     if return_dict:
         return values
     return values["loss"] if list(values) == ["loss"] else list(values.values())

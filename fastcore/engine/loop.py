@@ -5,11 +5,15 @@ span several (full-batch tasks), and evaluation runs after the call in which an 
 Stateful metrics ride on the step and eval functions (`step_fn.metrics`, `eval_fn.metrics`: anything with
 `reset_state()` and `result() -> {name: float}`, e.g. fastcore.engine.metrics.Metrics): the loop resets them
 when an epoch begins and before each evaluation, and reads them once when the epoch ends.
+An epoch's train_<name> is the mean over its applied steps: a skipped step (a float16 overflow) is left out
+and counted (`skipped_steps` in the epoch's logs). A figure that is NaN/Inf at the epoch's end (a
+diagnostic log, an evaluation over data the loss cannot take) is kept and named in the logs' `non_finite`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import tensorflow as tf
 
@@ -62,10 +66,11 @@ class Loop:
         """Train to total_steps (the metrics' variables exist already: fastcore.engine.loss_step.check)."""
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        calls = []   # per-call log tensors; read once per epoch, never per call
+        calls = []   # (per-call log tensors, `applied` after the call); read once per epoch, never per call
         while self.steps_done < self.total_steps and not self.stop_training:   # a resumed run starts past 0
             if not calls:
                 self._begin_epoch()
+                self.applied_before = self.engine.applied.read_value()
             for cb in self.callbacks:
                 cb.on_call_begin(self)
             batch = self.meter.timed_next(self.iterator)
@@ -77,7 +82,7 @@ class Loop:
             self.stop_training = self.stop_training or bad_step >= 0   # the guard applied nothing from bad_step on
             epochs_before = self.steps_done // self.steps_per_epoch
             self.steps_done += self.steps_per_call
-            calls.append(logs)
+            calls.append((logs, self.engine.applied.read_value()))
             self.ending_epoch = (self.steps_done // self.steps_per_epoch > epochs_before
                                  or self.steps_done >= self.total_steps)
             for cb in self.callbacks:
@@ -102,20 +107,39 @@ class Loop:
         for cb in self.callbacks:
             cb.on_epoch_begin(self)
 
-    def _end_epoch(self, calls: list[dict]) -> None:
+    def _end_epoch(self, calls: list[tuple[dict, tf.Tensor]]) -> None:
         logs = {"epoch": round(self.epoch, 3), "steps": self.steps_done}
         if calls:   # none when a resumed run had nothing left to do
-            for name in calls[0]:
-                logs[f"train_{name}"] = float(tf.reduce_mean(tf.stack([c[name] for c in calls])))
+            logs.update(self._train_means(calls))
             train_metrics = getattr(self.engine.step_fn, "metrics", None)
             if train_metrics:   # read before the evaluation resets them (they may be the same metrics)
                 logs.update({f"train_{name}": value for name, value in train_metrics.result().items()})
         if self.eval_batches is not None:
             logs.update(evaluate(self.engine, self.eval_batches))
+        bad = [name for name, value in logs.items() if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            logs["non_finite"] = bad
         self.history.append(logs)
         for cb in self.callbacks:
             cb.on_epoch_end(self, logs)
 
+
+    def _train_means(self, calls: list[tuple[dict, tf.Tensor]]) -> dict:
+        """Each log's mean over the epoch's applied steps (a call weighs its applied steps; its logs are
+        their mean), and how many steps were skipped; over every step when none was applied."""
+        applied = tf.stack([after for _, after in calls])
+        counts = tf.cast(applied - tf.concat([[self.applied_before], applied[:-1]], 0), tf.float32)
+        counted = float(tf.reduce_sum(counts))
+        out = {}
+        for name in calls[0][0]:
+            values = tf.stack([tf.cast(c[name], tf.float32) for c, _ in calls])
+            mean = (tf.reduce_sum(tf.where(counts > 0, values * counts, 0.0)) / counted if counted
+                    else tf.reduce_mean(values))
+            out[f"train_{name}"] = float(mean)
+        skipped = len(calls) * self.steps_per_call - int(counted)
+        if skipped:
+            out["skipped_steps"] = skipped
+        return out
 
     def _finalize_optimizers(self) -> None:
         """As Keras' fit ends: an optimizer with `use_ema` puts its moving averages into the weights."""

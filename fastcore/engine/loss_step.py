@@ -26,7 +26,7 @@ from keras.src.trainers.compile_utils import get_loss
 from fastcore.engine.metrics import Metrics, create_variables
 from fastcore.engine.outputs import Outputs, line_up
 from fastcore.engine.step import StepContext, Update
-from fastcore.errors import UsageError
+from fastcore.errors import FastcoreError, UsageError, gist, no_gradient
 
 REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight", "none", None)
 
@@ -42,7 +42,10 @@ def unpack(batch):
 
 
 class Objective:
-    """The loss of every output, weighted per example: `per_example(outputs, batch)` -> (total [B], {name: [B]})."""
+    """The loss of every output, weighted per example: `per_example(outputs, batch)` -> (total [B], {name: [B]}).
+
+    Once traced it knows the outputs' names and which of them take class ids (`class_ids`), so labels a
+    sparse loss cannot take are refused before the first step (fastcore.engine.input_checks)."""
 
     def __init__(self, loss, loss_weights=None):
         _check_loss(loss)
@@ -51,6 +54,8 @@ class Objective:
                              f"by output name")
         self.loss, self.loss_weights = loss, loss_weights
         self._resolved: dict[tuple, list] = {}
+        self.names: list[str] = []
+        self.class_ids: dict[int, tuple[int, object]] = {}   # output index -> (classes, ignore_class)
 
     def per_example(self, outputs: Outputs, global_batch) -> tuple[tf.Tensor, dict]:
         """Each example's weighted total loss, and each output's own (before `loss_weights`) when there are
@@ -75,6 +80,11 @@ class Objective:
             specs, weights = _per_output(self.loss, outputs.names, "loss"), self._weights(outputs.names)
             self._resolved[key] = [(i, _resolve(spec, outputs.y_true[i], outputs.y_pred[i]), weights[i], outputs.names[i])
                                    for i, spec in enumerate(specs) if spec is not None]
+            self.names = list(outputs.names)
+            for i, loss, _, _ in self._resolved[key]:
+                classes = _class_count(loss, outputs.y_pred[i])
+                if classes:
+                    self.class_ids[i] = (classes, loss._fn_kwargs.get("ignore_class"))
         return self._resolved[key]
 
     def _weights(self, names: list[str]) -> list:
@@ -101,9 +111,12 @@ def loss_step(model, loss, *, metrics: Metrics | None = None, loss_weights=None)
         if metrics and not tf.distribute.has_strategy():   # replicas cannot update one set of variables
             metrics.update(outputs)
         variables = model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        if all(g is None for g in grads):   # Python, so at the first trace: before any step
+            raise no_gradient("optimizer")
         losses = {"loss": value, **{name: tf.reduce_sum(per) / ctx.global_batch_size for name, per in parts.items()}}
-        return Update(losses if parts else value, zip(tape.gradient(scaled, variables), variables))
-    step.metrics = metrics
+        return Update(losses if parts else value, zip(grads, variables))
+    step.metrics, step.objective = metrics, objective
     return step
 
 
@@ -136,8 +149,13 @@ def check(engine, element_spec, stacked: bool) -> None:
     the metrics' variables are created there too (see metrics.create_variables)."""
     if stacked:   # K batches per element: the step sees one of them
         element_spec = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype), element_spec)
-    engine.log_names(element_spec)   # the step unpacks the batch as it traces
-    create_variables(engine, element_spec)
+    try:
+        engine.log_names(element_spec)   # the step unpacks the batch as it traces
+        create_variables(engine, element_spec)
+    except FastcoreError:
+        raise
+    except (ValueError, TypeError) as e:   # Keras' layer-call refusal: many lines, ANSI bold
+        raise UsageError(f"the model, loss or metrics refuse the training data: {gist(e)}") from None
 
 
 # -- one output's loss -------------------------------------------------------------------------------
@@ -169,6 +187,14 @@ def _per_example(loss: keras.losses.Loss, y_true, y_pred, sample_weight, global_
     if reduction == "mean_with_sample_weight" and weight is not None:
         return tf.reduce_sum(per, axis=1) * tf.cast(batch, tf.float32) / tf.maximum(tf.reduce_sum(weight), 1e-12)
     return tf.reduce_mean(per, axis=1)
+
+
+def _class_count(loss: keras.losses.Loss, y_pred) -> int | None:
+    """The number of classes a sparse categorical loss takes ids of (the prediction's class axis), if known."""
+    if getattr(getattr(loss, "fn", None), "__name__", None) != "sparse_categorical_crossentropy":
+        return None
+    shape = tf.nest.flatten(y_pred)[0].shape
+    return shape[loss._fn_kwargs.get("axis", -1)] if shape.rank else None
 
 
 def _resolve(spec, y_true, y_pred) -> keras.losses.Loss:

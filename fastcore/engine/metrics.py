@@ -55,6 +55,11 @@ class Metrics:
         """{log name: value} as Keras names them (`<output>_<metric>` with several outputs); {} before any update."""
         return {name: float(metric.result()) for name, metric, _, _ in self._built or ()}
 
+    @property
+    def variables(self) -> list:
+        """Every metric's state (the engine puts it back after a step that was not applied)."""
+        return [v for _, metric, _, _ in self._built or () for v in metric.variables]
+
     def by_name(self) -> dict:
         """{log name: keras Metric} (e.g. for a monitor's direction, `Metric._direction`)."""
         return {name: metric for name, metric, _, _ in self._built or ()}

@@ -38,12 +38,17 @@ def line_up(model, y_true, y_pred, sample_weight=None) -> Outputs:
         preds = [y_pred]
     # Losses and metrics in float32 whatever the compute dtype (as Keras computes them under mixed precision).
     preds = [tf.cast(p, tf.float32) if tf.as_dtype(p.dtype).is_floating else p for p in preds]
-    trues = _per_output(y_true, names, "labels")
+    trues = labels_per_output(y_true, names)
     weights = None
     if sample_weight is not None:
         is_nested = isinstance(sample_weight, (Mapping, list, tuple))
         weights = _per_output(sample_weight, names, "sample weights", partial=True) if is_nested else [sample_weight] * len(names)
     return Outputs(names, trues, preds, weights)
+
+
+def labels_per_output(y_true, names: list[str]) -> list:
+    """The labels of each output, in `names`' order (as line_up splits them)."""
+    return _per_output(y_true, names, "labels")
 
 
 def output_names(model, y_pred) -> list[str]:

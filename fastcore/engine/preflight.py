@@ -13,13 +13,14 @@ eager step (reported as `preflight.seconds`). `verify` remains the full N-step c
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from fastcore.errors import PreflightError
+from fastcore.errors import PreflightError, UsageError, no_gradient
 
 from fastcore.engine import rounding, twin_random
 from fastcore.engine.verify import UNREPEATABLE, SavedState
@@ -80,6 +81,9 @@ def outputs(engine, batch) -> dict:
     out = {}
     for phase in range(len(engine.phases)):   # every phase from the same weights (nothing is applied here)
         logs, grads = engine.compute(batch, training=False, phase=phase)
+        for optimizer, pairs in grads.items():
+            if not pairs:   # every gradient None (dropped by the engine): nothing would ever train
+                raise no_gradient(optimizer)
         out.update({f"loss {name}": value for name, value in logs.items()})
         several = len(grads) > 1 or len(engine.phases) > 1
         for optimizer, pairs in grads.items():
@@ -108,7 +112,14 @@ def run(engine, first_call, k: int, precision: str, overlap: bool) -> PreflightR
             seconds["warm_up"] = time.perf_counter() - start
         finally:
             engine.updates_on.assign(True)
-    report = check(engine, batch, precision, warm_up if overlap else None)
+    try:
+        report = check(engine, batch, precision, warm_up if overlap else None)
+    except tf.errors.InvalidArgumentError as e:
+        ops = sorted(set(re.findall(r"No registered '(\w+)' OpKernel for XLA", str(e))))
+        if not ops:
+            raise
+        raise UsageError(f"XLA cannot compile the step: it uses {', '.join(ops)}, which XLA has no kernel for: "
+                         f"train with mode='graph', or take the operation out of the step") from None
     report.warm_up_seconds = seconds.get("warm_up")
     if report.warm_up_seconds:   # the training compile it overlapped would have happened anyway
         report.extra_seconds = max(report.seconds - report.warm_up_seconds, 0.0)
@@ -145,7 +156,7 @@ def check(engine, batch, precision: str, warm_up=None) -> PreflightReport:
         def run():
             try:
                 box["out"] = compiled_fn(batch)
-            except Exception as e:   # noqa: BLE001 (raised again on the caller's thread, below)
+            except BaseException as e:   # noqa: BLE001 (raised again on the caller's thread, below)
                 box["error"] = e
         worker = threading.Thread(target=run, name="fastcore-preflight")
         worker.start()

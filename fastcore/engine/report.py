@@ -32,6 +32,9 @@ def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, c
         summary["compile_seconds"] = max(warm_up_seconds - call, 0.0)
     if distributed:   # measured at the end of every distributed run, not assumed
         summary["replica_spread"] = engine.replica_spread()
+    flagged = [f"epoch {h['epoch']:g}: {', '.join(h['non_finite'])}" for h in history if h.get("non_finite")]
+    if flagged:   # each also said in a warning line at its epoch's end (fastcore.engine.run.FigureWarnings)
+        summary["non_finite_figures"] = flagged
     if checkpoints and checkpoints.failed_saves:
         summary["failed_checkpoint_saves"] = checkpoints.failed_saves
     summary.update(flops_per_example(engine, feed, k))

@@ -3,17 +3,23 @@
 Takes plain values (the built engine, the feed, options): nothing here knows the Trainer. Every way a run
 can end is one outcome: finished (the summary), a non-finite step (NonFiniteError), a signal (Interrupted,
 after a checkpoint), a lost peer (PeerLost); each writes summary.json first when there is a run folder.
+A NaN/Inf figure that stops nothing (a diagnostic log, an evaluation) is said in a warning line.
+
+Counting: steps are the engine's optimizer steps, over every fit of one engine. A fit trains its length
+(epochs or steps) from where the engine is, and numbers its checkpoints by that count (ckpt-N holds step
+N); a resumed fit's length counts from step 0 of the run in its checkpoint folder, so the same count
+tells it how far that run got.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,6 +43,29 @@ class FitResult:
     run_dir: str | None
 
 
+class FigureWarnings(Callback):
+    """One warning line for an epoch whose figures the loop found NaN/Inf (its logs' `non_finite`): the
+    run goes on (they are no loss or gradient of a step), and the figure is never passed off as normal."""
+
+    def __init__(self, warn: Callable[[str], None]):
+        self.warn = warn
+
+    def on_epoch_end(self, loop, logs: dict) -> None:
+        names = logs.get("non_finite")
+        if not names:
+            return
+        losses = {f"train_{name}" for name in loop.engine.loss_names}
+        causes = []
+        if any(n in losses for n in names):
+            causes.append("no step of the epoch was applied")
+        if any(n.startswith("train_") and n not in losses for n in names):
+            causes.append("a metric or log of the step, not its loss or gradients: training goes on")
+        if any(n.startswith("eval_") for n in names):
+            causes.append("labels the loss cannot take, or NaN/Inf in the validation data or weights")
+        self.warn(f"epoch {logs['epoch']:g}: {', '.join(names)} {'is' if len(names) == 1 else 'are'} NaN/Inf "
+                  f"({'; '.join(causes)}); the history marks {'it' if len(names) == 1 else 'them'} (non_finite)")
+
+
 @dataclasses.dataclass
 class Run:
     """A built engine and its data, ready to train under `options`."""
@@ -46,16 +75,18 @@ class Run:
     precision: object              # fastcore.engine.precision.Precision
     mode: str                      # the compiled path that runs
     options: FitOptions
+    mode_reason: str = "requested"   # why that path (mode="auto": what was timed)
     evaluation: tf.data.Dataset | None = None
     strategy: object = None
     identity_records: tuple = ()   # option records whose IDENTITY fields make the run this run
     preflight: Callable | None = None        # (first call's batch) -> PreflightReport; raises PreflightError
     warm_up_seconds: Callable[[], float | None] = lambda: None
 
-    def total_steps(self) -> int:
+    def total_steps(self, start: int = 0) -> int:
+        """The step the fit ends at: `start` (where the engine is) plus its length, in whole calls of K."""
         o = self.options
-        total = o.steps if o.steps is not None else o.epochs * self.feed.steps_per_epoch
-        return math.ceil(total / self.k) * self.k
+        length = o.steps if o.steps is not None else o.epochs * self.feed.steps_per_epoch
+        return start + math.ceil(length / self.k) * self.k
 
     def fit(self, callbacks: Sequence[Callback] = ()) -> FitResult:
         o, engine, feed = self.options, self.engine, self.feed
@@ -65,7 +96,9 @@ class Run:
         run_dir, verbose = (o.run_dir, o.verbose) if chief else (None, False)
         if not chief:   # a multi-worker run's other workers train alongside and write nothing of their own
             callbacks = ()
-        total = self.total_steps()
+        resuming = bool(o.resume and checkpoint_dir and checkpoint.on_disk(checkpoint_dir))
+        start = 0 if resuming else int(engine.steps.numpy())   # a second fit goes on from the engine's step
+        total = self.total_steps(start)
         tensorboard.check_options(o.profile_steps, o.summary_every, total)
         for name, folder in (("run_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
             atomic.check_writable(name, folder)
@@ -74,8 +107,11 @@ class Run:
         engine.first_non_finite_step.assign(-1)   # a new fit starts healthy: no bad update was ever applied
         out = o.out or sys.stdout
         say = (lambda line: print(line, file=out, flush=True)) if verbose else (lambda line: None)
+        if self.mode_reason != "requested":
+            say(f"compiled path {self.mode_reason}")
         summary = {**(o.summary_head or {}), "precision": self.precision.name,
-                   "precision_reason": self.precision.reason, "mode": self.mode, "xla": self.mode == "xla",
+                   "precision_reason": self.precision.reason, "mode": self.mode, "mode_reason": self.mode_reason,
+                   "xla": self.mode == "xla",
                    "batch_size": feed.batch_size, "steps_per_call": self.k, "epochs": total / feed.steps_per_epoch,
                    "train_data": feed.source}
         if self.strategy is not None:
@@ -94,8 +130,12 @@ class Run:
                 say(done.summary.pop("note"))
                 return done
             stop = guards.enter_context(runguard.StopSignals())
-            loop, checkpoints, observer = self._loop(total, run_dir, checkpoint_dir, identity, say,
-                                                     [*([Progress(out=out)] if verbose else []), *callbacks])
+            stop.latest_checkpoint = lambda: (checkpoint.on_disk(checkpoint_dir) or [None])[0] if checkpoint_dir else None
+            warn = (lambda line: say(f"warning: {line}")) if verbose else (
+                lambda line: warnings.warn(line, RuntimeWarning, stacklevel=2))
+            loop, checkpoints, observer = self._loop(start, total, run_dir, checkpoint_dir, identity, say,
+                                                     [*([Progress(out=out)] if verbose else []),
+                                                      *([FigureWarnings(warn)] if chief else []), *callbacks])
             agree = getattr(engine, "any_worker", lambda flag: flag)
             loop.should_stop = lambda: agree(stop.received is not None)
             if self.preflight and not (o.resume and checkpoint.on_disk(checkpoint_dir or "")):
@@ -116,6 +156,8 @@ class Run:
             except StopRequested:
                 if checkpoints:
                     checkpoints.on_train_end(loop)
+                if observer and observer.window:
+                    observer.window.on_train_end(loop)   # a trace in progress is written, not lost
                 latest = checkpoints.latest if checkpoints else None
                 # A worker whose peer got the signal stops at the same call (any_worker), as if it got SIGTERM.
                 name, code = (stop.name, runguard.EXIT_CODES[stop.received]) if stop.received else (
@@ -132,10 +174,12 @@ class Run:
         report.fill(summary, loop, self.engine, self.feed, self.k, self.precision.name, self.mode, checkpoints,
                     observer, self.warm_up_seconds(), distributed=self.strategy is not None)
 
-    def _loop(self, total, run_dir, checkpoint_dir, identity, say, extra_callbacks):
-        """The loop with its callbacks: TensorBoard (run_dir), checkpoints (checkpoint_dir), the rest."""
+    def _loop(self, start, total, run_dir, checkpoint_dir, identity, say, extra_callbacks):
+        """The loop from step `start` to `total` with its callbacks: TensorBoard (run_dir), checkpoints
+        (checkpoint_dir), the rest."""
         o, feed = self.options, self.feed
-        loop = Loop(self.engine, feed.dataset, self.evaluation, total, feed.steps_per_epoch, self.k, feed.batch_size)
+        loop = Loop(self.engine, feed.dataset, self.evaluation, total, feed.steps_per_epoch, self.k, feed.batch_size,
+                    steps_done=start)
         callbacks: list[Callback] = []
         observer = checkpoints = None
         if run_dir:
@@ -177,8 +221,8 @@ class Run:
                 return None
             previous = {}
             if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
-                with open(os.path.join(run_dir, "summary.json")) as f:
-                    previous = json.load(f)
+                previous = atomic.read_json_object(os.path.join(run_dir, "summary.json"), "the run's summary",
+                                                   "delete it (the checkpoints hold the run) and resume again")
             previous.setdefault("history", meta.get("history", []))
             previous["note"] = (f"the run is complete: {prefix} is at step {meta['steps']} of {total}; nothing "
                                 f"changed (give more epochs or steps to extend it)")

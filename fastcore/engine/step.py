@@ -4,9 +4,11 @@ Who owns what. The user's step function computes losses and gradients with its o
 returns them in an `Update`; it never calls `apply_gradients`. fastcore owns everything after that, on
 the compiled path and the eager twin alike (they call the very same Python code):
   - one finiteness check across all of the step's losses and gradients before any optimizer applies
-    anything, so a non-finite step changes no variable of any model, moving statistics included
-    (float32/bfloat16: the run stops; float16: every optimizer's loss scaler skips the step and lowers
-    its scale);
+    anything, so a non-finite step changes no variable of any model, moving statistics and the training
+    metrics included (float32/bfloat16: the run stops; float16: every optimizer's loss scaler skips the
+    step and lowers its scale); the step's other logs are diagnostics, not checked (a NaN precision on a
+    batch without a positive prediction stops nothing);
+  - a call's logs are the means over its applied steps: a skipped step is left out of every figure;
   - float16 loss scaling per optimizer (`ctx.scale(loss, name)`; a step that forgets it is refused);
   - the step counter, the K-step walker (K stacked batches inside one compiled call: a tf.data iterator
     cannot live inside XLA), and the trace ledger that names any retrace.
@@ -37,7 +39,8 @@ class Update:
     loss:      a scalar loss, or a dict of named scalar losses (each is logged as train_<name>).
     gradients: for one optimizer, pairs (gradient, variable) as for `apply_gradients`, e.g.
                `zip(grads, model.trainable_variables)`; for several, a dict optimizer name -> pairs.
-    logs:      other scalars to log (means over each compiled call), e.g. {"accuracy": acc}.
+    logs:      other scalars to log (means over each compiled call), e.g. {"accuracy": acc}; diagnostics:
+               a NaN among them is reported at the epoch's end, it does not stop the run.
     """
     loss: Any
     gradients: Any
@@ -224,10 +227,10 @@ class Engine:
         self.global_batch_size, self.seed, self.loss_scaling = global_batch_size, seed, loss_scaling
         self.ledger = TraceLedger(max_shapes=max_shapes)
         self.loss_names: tuple[str, ...] = ()   # the step's losses (not its other logs), known once traced
-        # Steps taken (skipped ones included), updates applied, and the first step whose loss or
-        # gradient was not finite (-1: none). They live in the graph: the loop reads one scalar per call.
+        # Steps taken (skipped ones included), steps whose every update was applied, and the first step
+        # whose loss or gradient was not finite (-1: none). They live in the graph: the loop reads them per call.
         self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps")
-        self.applied = tf.Variable(0, dtype=tf.int64, trainable=False, name="applied_updates")
+        self.applied = tf.Variable(0, dtype=tf.int64, trainable=False, name="applied_steps")
         self.first_non_finite_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="first_non_finite_step")
         # Off only while the pre-flight compiles the training call beside its own check: the call then
         # runs but applies nothing, counts no step and changes no model variable.
@@ -295,9 +298,6 @@ class Engine:
     @property
     def skipped_steps(self) -> int:
         """Steps whose update was not applied (float16 overflow skips, or after a non-finite step)."""
-        if self.loss_scaling:
-            first = next(iter(self.optimizers.values()))
-            return int(self.steps.numpy()) - int(first.iterations.numpy())
         return int(self.steps.numpy()) - int(self.applied.numpy())
 
     def replica_seed(self):
@@ -347,10 +347,11 @@ class Engine:
             out[name] = [(g, v) for g, v in pairs if g is not None]
         return out
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batch) -> tuple[dict, tf.Tensor]:
         """One step on one batch: compute, check, apply (each phase in turn, each repeat guarded; the step
-        counts once). Returns {name: scalar} (losses and logs; a repeated phase's from its last repeat)."""
-        logs = {}
+        counts once). Returns ({name: scalar} (losses and logs; a repeated phase's from its last repeat),
+        whether every update of the step was applied)."""
+        logs, all_applied = {}, tf.constant(True)
         calls = [index for index, (_, repeat) in enumerate(self.phases) for _ in range(repeat)]
         for n, index in enumerate(calls):
             held = self._hold_model_state()
@@ -362,12 +363,19 @@ class Engine:
             else:
                 applied = self._apply_if_finite(finite, grads)
             self._put_back_unless(applied, held)
+            all_applied = tf.logical_and(all_applied, applied)
             logs.update(phase_logs)
-        return logs
+        self.applied.assign_add(tf.cast(all_applied, tf.int64))
+        return logs, all_applied
 
     def _hold_model_state(self) -> held_state.Held:
-        """The models' non-trainable variables before a step (see fastcore.engine.held_state)."""
-        return held_state.hold(self.model_variables)
+        """The models' non-trainable variables and the training metrics' state before a step (see
+        fastcore.engine.held_state): a skipped step's NaN never reaches a metric either."""
+        return held_state.hold(self.model_variables + self._metric_variables())
+
+    def _metric_variables(self) -> list:
+        metrics = getattr(self.step_fn, "metrics", None)
+        return list(metrics.variables) if metrics else []
 
     def _put_back_unless(self, applied, held: held_state.Held) -> None:
         """A step whose update is not applied (a non-finite step, a float16 overflow skip, the pre-flight's
@@ -377,7 +385,12 @@ class Engine:
     def compute_checked(self, batch, phase: int = 0, draws: int = 0) -> tuple[dict, dict, tf.Tensor]:
         """The step's logs and gradients, and whether every loss and gradient is finite."""
         logs, grads = self.compute(batch, phase=phase, draws=draws)
-        return logs, grads, _all_finite(list(logs.values()), [g for pairs in grads.values() for g, _ in pairs])
+        return logs, grads, _all_finite(self.guarded(logs), [g for pairs in grads.values() for g, _ in pairs])
+
+    def guarded(self, logs: dict) -> list:
+        """The logs the finiteness guard checks: the step's losses. Its other logs are diagnostics (a NaN
+        there is reported at the epoch's end, see fastcore.engine.loop)."""
+        return [logs[name] for name in self.loss_names]
 
     def _apply(self, grads) -> None:
         for name, pairs in grads.items():
@@ -399,7 +412,6 @@ class Engine:
 
         def apply():
             self._apply(grads)
-            self.applied.assign_add(1)
             return tf.constant(True)
 
         def skip():
@@ -432,22 +444,31 @@ class Engine:
         return self._log_names
 
     def train_call_one(self, batch) -> dict:
-        logs = self.train_step(batch)
+        logs, _ = self.train_step(batch)
         self._check_weights()
         return logs
 
     def train_call_many(self, batches) -> dict:
-        """K optimizer steps over stacked batches (every leaf [K, B, ...]); returns the mean of each log."""
+        """K optimizer steps over stacked batches (every leaf [K, B, ...]); returns each log's mean over the
+        applied steps (over all K when none was: what a wholly skipped call computed). The loop weights a
+        call by its applied steps (the change of `applied`), so a skipped step is in no epoch figure."""
         k = tf.shape(tf.nest.flatten(batches)[0])[0]
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
         names = self.log_names(spec)
+        zeros = [tf.constant(0.0) for _ in names]
 
-        def body(i, totals):
-            logs = self.train_step(tf.nest.map_structure(lambda t: t[i], batches))
-            return i + 1, [total + logs[name] for total, name in zip(totals, names)]
-        _, totals = tf.while_loop(lambda i, _: i < k, body, (tf.constant(0), [tf.constant(0.0) for _ in names]))
+        def body(i, applied_steps, applied_totals, totals):
+            logs, applied = self.train_step(tf.nest.map_structure(lambda t: t[i], batches))
+            values = [logs[name] for name in names]
+            return (i + 1, applied_steps + tf.cast(applied, tf.float32),
+                    [t + tf.where(applied, v, 0.0) for t, v in zip(applied_totals, values)],
+                    [t + v for t, v in zip(totals, values)])
+        _, applied_steps, applied_totals, totals = tf.while_loop(
+            lambda i, *_: i < k, body, (tf.constant(0), tf.constant(0.0), zeros, zeros))
         self._check_weights()
-        return {name: total / tf.cast(k, tf.float32) for name, total in zip(names, totals)}
+        return {name: tf.where(applied_steps > 0, applied_total / tf.maximum(applied_steps, 1.0),
+                               total / tf.cast(k, tf.float32))
+                for name, applied_total, total in zip(names, applied_totals, totals)}
 
     def eval_call(self, batch, weights) -> tf.Tensor:
         """[weighted sum of each eval value..., weight sum] for one padded batch (weight 0 on padding)."""

@@ -14,7 +14,10 @@ the calibration) reports utilisation 100% and says the ceiling was measured low.
 Cached in `$FASTCORE_CACHE_DIR/calibration.json` (default `~/.cache/fastcore`) under a key of CPU model,
 CPU count and TensorFlow version, one entry per dtype/path/shape. Concurrent runs do not race: a file
 lock (fcntl) is held from reading the cache to writing it, so the second run waits and reads what the
-first measured. `python -m fastcore.profile calibrate` measures again.
+first measured. `python -m fastcore.profile calibrate` measures again. The cache and its lock are never
+opened through a symbolic link (UsageError), and a cached figure is used only when plausible (finite,
+above MIN_GFLOPS, under what the machine's CPUs and GPUs could reach at all): anything else is measured
+again. A fresh figure outside those bounds raises Unavailable, so no absurd utilisation is reported.
 
 `peaks()` (per path, the large shape) is what `precision="auto"` compares before it times the model's
 own step in both precisions.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import platform
 import subprocess
@@ -40,6 +44,9 @@ BUDGET_SECONDS = 0.25  # timed repetitions per entry, after one warm-up call tha
 MIN_REPS = 5
 DTYPES = ("float32", "bfloat16", "float16")
 PATHS = ("xla", "graph")
+MIN_GFLOPS = 0.1                # any CPU of this century multiplies faster
+PER_CPU_GFLOPS = 10_000         # ~1.3x an AMX core's bfloat16 peak (1,024 FMA/cycle at ~3.8 GHz)
+PER_GPU_GFLOPS = 10_000_000     # ~4x the densest GPU tensor-core rate
 
 Shape = tuple[int, int, int]   # (m, k, n): an [m, k] x [k, n] matmul
 
@@ -47,6 +54,10 @@ Shape = tuple[int, int, int]   # (m, k, n): an [m, k] x [k, n] matmul
 def cache_path() -> str:
     """Beside the parsed-data caches: one folder rule ($FASTCORE_CACHE_DIR, else ~/.cache/fastcore)."""
     return os.path.join(rowcache.cache_dir(), "calibration.json")
+
+
+class Unavailable(RuntimeError):
+    """No trustworthy ceiling: the measurement failed or gave a figure the machine cannot reach."""
 
 
 def cpu_model() -> str:
@@ -98,28 +109,53 @@ def measure(dtype: str, path: str, shape: Shape, budget: float = BUDGET_SECONDS)
     return 2 * m * k * n / best / 1e9
 
 
+def highest_plausible_gflops() -> float:
+    """A bound no matmul on this machine can pass: its CPUs (and GPUs) at a generous per-device ceiling."""
+    import tensorflow as tf
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    return (os.cpu_count() or 1) * PER_CPU_GFLOPS + gpus * PER_GPU_GFLOPS
+
+
+def plausible(gflops) -> bool:
+    return (isinstance(gflops, (int, float)) and not isinstance(gflops, bool) and math.isfinite(gflops)
+            and MIN_GFLOPS <= gflops <= highest_plausible_gflops())
+
+
+def _measurements(value) -> bool:
+    """A stored measurement: a non-empty {name: finite positive number} (a rate or a time)."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value.values())
+
+
 def _load() -> dict:
+    """The cache's contents; missing or unreadable: {} (measure again); a symbolic link: UsageError."""
     try:
-        with open(cache_path()) as f:
+        fd = atomic.open_private(cache_path(), "the calibration cache", create=False)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        return {}   # missing or unreadable: measure again
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager
 def _locked():
     """The cache's lock, held from reading it to writing it; without a writable cache folder, no lock
-    (and no cache: the figures are measured, not stored)."""
+    (and no cache: the figures are measured, not stored). A symbolic link in its place: UsageError."""
     try:
         os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
-        handle = open(cache_path() + ".lock", "a")
+        fd = atomic.open_private(cache_path() + ".lock", "the calibration cache's lock file")
     except OSError:
         yield
         return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def _save(data: dict) -> None:
@@ -131,7 +167,8 @@ def _save(data: dict) -> None:
 
 
 def rates(entries: list[tuple[str, str, Shape]], refresh: bool = False) -> dict[str, tuple[float, bool]]:
-    """{entry: (GFLOP/s, from the cache)}; the missing ones are measured in one child process, under the lock."""
+    """{entry: (GFLOP/s, from the cache)}; the missing or implausible ones are measured in one child process,
+    under the lock. Raises Unavailable when the measurement fails or is itself implausible."""
     for dtype, path, _ in entries:
         if dtype not in DTYPES or path not in PATHS:
             raise ValueError(f"no calibration for {dtype}/{path}: dtypes {DTYPES}, paths {PATHS}")
@@ -141,12 +178,20 @@ def rates(entries: list[tuple[str, str, Shape]], refresh: bool = False) -> dict[
         cached = data.get(key, {})
         out = {}
         for dtype, path, shape in entries:
-            value = cached.get(entry(dtype, path, shape))
-            if isinstance(value, dict) and not refresh:
+            value = cached.get(entry(dtype, path, shape)) if isinstance(cached, dict) else None
+            if isinstance(value, dict) and plausible(value.get("gflops")) and not refresh:
                 out[entry(dtype, path, shape)] = (value["gflops"], True)
         missing = [e for e in entries if entry(*e) not in out]
         if missing:
-            for name, gflops in _measure_in_child(missing).items():
+            measured = _measure_in_child(missing)
+            wrong = {name: gflops for name, gflops in measured.items() if not plausible(gflops)}
+            if wrong:
+                raise Unavailable(f"the {', '.join(wrong)} matmul measured {', '.join(f'{g:g}' for g in wrong.values())} "
+                                  f"GFLOP/s, outside what {os.cpu_count()} CPUs can reach "
+                                  f"({MIN_GFLOPS:g} to {highest_plausible_gflops():,.0f})")
+            if not isinstance(data.get(key), dict):
+                data[key] = {}
+            for name, gflops in measured.items():
                 data.setdefault(key, {})[name] = {"gflops": round(gflops, 1), "threads": threads(),
                                                   "measured_by": f"best of {MIN_REPS}+ reps in {BUDGET_SECONDS} s"}
                 out[name] = (gflops, False)
@@ -158,9 +203,11 @@ def _measure_in_child(entries: list[tuple[str, str, Shape]]) -> dict[str, float]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-m", "fastcore.observe.calibrate", *(entry(*e) for e in entries)],
                             capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError(f"calibration failed: {result.stderr.strip()[-500:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise Unavailable(f"the matmul calibration failed ({last[:200]})")
+    return json.loads(lines[-1])
 
 
 def ceiling(dtype: str, step_shapes: list[Shape] = (), refresh: bool = False) -> dict:
@@ -187,15 +234,20 @@ def peaks(pairs: list[tuple[str, str]], refresh: bool = False) -> dict[str, tupl
 
 
 def cached(name: str):
-    """A value stored under `name` for this machine, or None."""
-    return _load().get(machine_key(), {}).get(name)
+    """The measurements stored under `name` for this machine ({name: finite positive number}), or None
+    (never stored, or damaged: measure again)."""
+    mine = _load().get(machine_key())
+    value = mine.get(name) if isinstance(mine, dict) else None
+    return value if _measurements(value) else None
 
 
 def store(name: str, value) -> None:
     """Store `value` under `name` for this machine (under the lock; atomic rewrite of the cache file)."""
     with _locked():
         data = _load()
-        data.setdefault(machine_key(), {})[name] = value
+        if not isinstance(data.get(machine_key()), dict):
+            data[machine_key()] = {}
+        data[machine_key()][name] = value
         _save(data)
 
 

@@ -13,12 +13,12 @@ mismatch. What must hold: the shim's pin is met, every declared requirement of t
 the shim is satisfied, exactly one `profile` plugin is registered (an old standalone plugin next to
 xprof registers a second), and the plugin loads into this TensorBoard with TensorFlow's profiler.
 
-Exit codes: 0 healthy, 1 a problem found (each printed as PROBLEM with its fix), 2 bad input.
+Exit codes: 0 healthy, 1 a problem found (each printed as PROBLEM with its fix), 2 bad input (a
+summary.json that is damaged or not a JSON object: one line naming it).
 """
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import json
 import os
 import shlex
 import shutil
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import types
 
+from fastcore import atomic
 PROFILE_PLUGIN_DISTS = ("tensorboard", "tensorboard_plugin_profile", "xprof")
 SKIP_DIRS = {"plugins", "checkpoints", "__pycache__"}
 
@@ -193,12 +194,9 @@ def check_run(r: Report, logdir: str, name: str, plugin_runs: list[str] | None) 
         r.note(f"{n_files} event file(s) but no scalars yet (a run still starting, or one that crashed before its first call)")
     else:
         r.note("no scalars (no event files): a run from before TensorBoard support, or not started yet")
-    summary = {}
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        pass
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = atomic.read_json_object(summary_path, "the run's summary", "delete it, or train again") \
+        if os.path.exists(summary_path) else {}
     profile_root = os.path.join(run_dir, "plugins", "profile")
     viewable = False
     if os.path.isdir(profile_root):

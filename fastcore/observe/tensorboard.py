@@ -210,7 +210,10 @@ def utilisation(flops_per_example: float | None, examples_per_sec: float, dtype:
     never above 100%; a run that beats the ceiling says the ceiling was measured low."""
     if not flops_per_example:
         return {}
-    top = calibrate.ceiling(dtype, list(step_shapes))
+    try:
+        top = calibrate.ceiling(dtype, list(step_shapes))
+    except (calibrate.Unavailable, UsageError) as e:   # no trustworthy ceiling: no figure rather than a wrong one
+        return {"utilisation_left_out": str(e)}
     achieved = flops_per_example * examples_per_sec / 1e9
     out = {"achieved_gflops": achieved, "utilisation": min(achieved / top["gflops"], 1.0),
            "peak": {**top, "dtype": dtype, "threads": calibrate.threads(), "cache": calibrate.cache_path(),

@@ -1,0 +1,273 @@
+"""The model zoo: the model families users bring, each trained side by side in one process.
+
+Per family: Keras `fit` as a plain graph and with `jit_compile=True`, each at 1 and 32 steps per
+execution (the best of the four is "Keras best"); fastcore's default (`mode="auto"`: it times its
+compiled paths on the first batches and keeps the fastest) and its `mode="xla"` and `mode="graph"`.
+Rounds are interleaved (each runner trains about `round_seconds` per round, the order rotating), so
+a neighbour's load hits every runner alike; a runner's figure is the median of its rounds. Data are
+seeded synthetic arrays of the real shapes. JAX + optax (`../shared/tools/jax_anchor.py`, the two
+MLPs) runs in its own venv as a subprocess: jax must not be installed beside TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import fastcore
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+JAX_PYTHON = os.environ.get("FASTCORE_JAX_PYTHON") or str(ROOT.parent / "jaxvenv" / "bin" / "python")
+JAX_ANCHOR = ROOT.parent / "shared" / "tools" / "jax_anchor.py"
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One zoo model: its Keras-functional factory, optimizer, loss, batch and data."""
+    name: str
+    build: Callable[[], keras.Model]
+    optimizer: Callable[[], keras.optimizers.Optimizer]
+    loss: Callable[[], keras.losses.Loss]
+    batch_size: int
+    examples: int                                        # the real training set's size
+    arrays: Callable[[np.random.Generator, int], tuple]  # (x, y) of the real shapes and dtypes
+    jax: str | None = None                               # jax_anchor.py's name for the same model
+
+    def tiny(self, examples: int, batch_size: int) -> "Family":
+        """The same model on fewer examples and a smaller batch (the smoke cases)."""
+        return dataclasses.replace(self, examples=examples, batch_size=batch_size)
+
+
+# -- the models --------------------------------------------------------------------------------------------
+def mnist_mlp() -> keras.Model:
+    x = inputs = keras.Input((784,))
+    for units in (100, 50):
+        x = keras.layers.Dense(units, activation="relu")(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+def higgs_mlp() -> keras.Model:
+    x = inputs = keras.Input((28,))
+    for _ in range(4):
+        x = keras.layers.Dense(512, activation="elu")(x)
+    return keras.Model(inputs, keras.layers.Dense(1)(x))
+
+
+def bn_convnet() -> keras.Model:
+    """The Keras "Simple MNIST convnet" with BatchNormalization after each convolution."""
+    x = inputs = keras.Input((28, 28, 1))
+    for filters in (32, 64):
+        x = keras.layers.Conv2D(filters, 3)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Dropout(0.5)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+
+
+def text_conv() -> keras.Model:
+    inputs = keras.Input((200,), dtype="int32")
+    x = keras.layers.Embedding(20000, 64)(inputs)
+    x = keras.layers.Conv1D(64, 5, activation="relu")(x)
+    x = keras.layers.GlobalMaxPooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1)(x))
+
+
+class TokenAndPosition(keras.layers.Layer):
+    """Token embedding plus a learned position embedding (the Keras transformer text example's layer)."""
+
+    def __init__(self, vocabulary: int, length: int, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.tokens = keras.layers.Embedding(vocabulary, dim)
+        self.positions = keras.layers.Embedding(length, dim)
+
+    def call(self, x):
+        return self.tokens(x) + self.positions(keras.ops.arange(keras.ops.shape(x)[-1]))
+
+
+def small_transformer() -> keras.Model:
+    inputs = keras.Input((64,), dtype="int32")
+    x = TokenAndPosition(8000, 64, 64)(inputs)
+    for _ in range(2):
+        x = keras.layers.LayerNormalization(epsilon=1e-6)(x + keras.layers.MultiHeadAttention(4, 16)(x, x))
+        ffn = keras.layers.Dense(64)(keras.layers.Dense(128, activation="relu")(x))
+        x = keras.layers.LayerNormalization(epsilon=1e-6)(x + ffn)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+def _features(shape, classes, binary=False, pixels=False):
+    """Pixels uniform in [0, 1) as the Keras examples scale them; other features standard normal."""
+    def arrays(rng, n):
+        x = rng.random((n, *shape), dtype=np.float32) if pixels else rng.standard_normal((n, *shape), dtype=np.float32)
+        return x, _labels(rng, n, classes, binary)
+    return arrays
+
+
+def _tokens(vocabulary, length, classes, binary=False):
+    def arrays(rng, n):
+        return rng.integers(0, vocabulary, (n, length), dtype=np.int32), _labels(rng, n, classes, binary)
+    return arrays
+
+
+def _labels(rng, n, classes, binary):
+    y = rng.integers(0, classes, n)
+    return y.astype(np.float32).reshape(n, 1) if binary else y.astype(np.int32)
+
+
+def _sparse_ce(from_logits=True):
+    return lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def _binary_ce():
+    return keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+FAMILIES = {f.name: f for f in (
+    Family("mnist_mlp", mnist_mlp, lambda: keras.optimizers.SGD(0.1), _sparse_ce(), 32, 60000,
+           _features((784,), 10, pixels=True), jax="mnist-mlp"),
+    Family("higgs_mlp", higgs_mlp, lambda: keras.optimizers.Adam(1e-3), _binary_ce, 500, 100000,
+           _features((28,), 2, binary=True), jax="higgs-mlp"),
+    Family("bn_convnet", bn_convnet, keras.optimizers.Adam, _sparse_ce(from_logits=False), 128, 60000,
+           _features((28, 28, 1), 10, pixels=True)),
+    Family("text_conv", text_conv, keras.optimizers.Adam, _binary_ce, 64, 25000, _tokens(20000, 200, 2, binary=True)),
+    Family("small_transformer", small_transformer, keras.optimizers.Adam, _sparse_ce(), 64, 25000,
+           _tokens(8000, 64, 2)),
+)}
+
+
+# -- the runners -------------------------------------------------------------------------------------------
+class KerasFit:
+    """`model.fit` for one round at a time on a shared infinite dataset (its train function is kept between
+    calls); a round's time is its epoch's, from on_epoch_begin to on_epoch_end."""
+
+    def __init__(self, family: Family, dataset: tf.data.Dataset, jit_compile: bool, steps_per_execution: int,
+                 round_seconds: float):
+        self.name = f"keras_{'xla' if jit_compile else 'graph'}_spe{steps_per_execution}"
+        self.family, self.dataset, self.spe = family, dataset, steps_per_execution
+        keras.utils.set_random_seed(SEED)
+        self.model = family.build()
+        self.model.compile(optimizer=family.optimizer(), loss=family.loss(), jit_compile=jit_compile,
+                           steps_per_execution=steps_per_execution)
+        self.timer = _EpochTimer()
+        start = time.perf_counter()
+        self._fit(2 * steps_per_execution)   # trace + compile
+        self.compile_seconds = time.perf_counter() - start
+        per_step = self._fit(2 * steps_per_execution) / (2 * steps_per_execution)
+        self.steps = steps_per_execution * max(1, round(round_seconds / per_step / steps_per_execution))
+        self.compile_seconds = max(self.compile_seconds - 2 * steps_per_execution * per_step, 0.0)
+        self.rates: list[float] = []
+
+    def _fit(self, steps: int) -> float:
+        self.model.fit(self.dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[self.timer])
+        return self.timer.seconds
+
+    def round(self) -> None:
+        self.rates.append(self.steps * self.family.batch_size / self._fit(self.steps))
+
+
+class Fastcore:
+    """fastcore's compiled training call as `Trainer.fit` runs it (the path and K the Trainer chose), fed by
+    the Trainer's own stream of the arrays."""
+
+    def __init__(self, family: Family, x, y, mode: str, round_seconds: float):
+        self.name = f"fastcore_{mode}"
+        self.family = family
+        self.trainer = fastcore.Trainer(family.build, family.optimizer(), loss=family.loss(), mode=mode, seed=SEED)
+        start = time.perf_counter()
+        feed = self.trainer.feed(x, y, batch_size=family.batch_size)   # mode="auto" times its paths here
+        engine = self.trainer.build(feed)
+        self.choose_seconds = time.perf_counter() - start
+        self.k = self.trainer.path.steps_per_call
+        self.fn = engine.train_many if self.k > 1 else engine.train_one
+        self.iterator = iter(feed.dataset)
+        start = time.perf_counter()
+        self._calls(1)   # trace + compile
+        first = time.perf_counter() - start
+        call = self._timed(1)
+        self.compile_seconds = max(first - call, 0.0)
+        self.calls = max(1, round(round_seconds / call))
+        self.rates: list[float] = []
+
+    def _calls(self, n: int) -> float:
+        for _ in range(n):
+            logs = self.fn(next(self.iterator))
+        return float(logs["loss"])
+
+    def _timed(self, n: int) -> float:
+        start = time.perf_counter()
+        self._calls(n)
+        return (time.perf_counter() - start) / n
+
+    def round(self) -> None:
+        self.rates.append(self.k * self.family.batch_size / self._timed(self.calls))
+
+    @property
+    def path(self) -> str:
+        return f"{self.trainer.run_mode} K={self.k}"
+
+
+def keras_dataset(x, y, batch_size: int) -> tf.data.Dataset:
+    """Keras fit's best input: seeded random batches gathered in tf.data, prefetched, never refilled."""
+    n, xs, ys = len(x), tf.constant(x), tf.constant(y)
+    return (tf.data.Dataset.random(seed=SEED).batch(batch_size, drop_remainder=True)
+            .map(lambda r: (tf.gather(xs, r % n), tf.gather(ys, r % n)), num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+FIT_VARIANTS = [(False, 1), (False, 32), (True, 1), (True, 32)]   # (jit_compile, steps_per_execution)
+FASTCORE_MODES = ["auto", "xla", "graph"]
+
+
+def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, modes=FASTCORE_MODES) -> list:
+    """Every runner of one family, each compiled and sized (data drawn once, seeded)."""
+    x, y = family.arrays(np.random.default_rng(SEED), family.examples)
+    dataset = keras_dataset(x, y, family.batch_size)
+    return ([KerasFit(family, dataset, jit, spe, round_seconds) for jit, spe in fit_variants] +
+            [Fastcore(family, x, y, mode, round_seconds) for mode in modes])
+
+
+def interleave(runners: list, rounds: int) -> dict[str, float]:
+    """{runner: median examples/s}: one round of each runner in turn, the order rotating every round."""
+    for r in range(rounds):
+        for runner in runners[r % len(runners):] + runners[:r % len(runners)]:
+            runner.round()
+    return {runner.name: statistics.median(runner.rates) for runner in runners}
+
+
+def verdict(family: str, ratio: float, floor: float) -> str | None:
+    """The gate's one line when fastcore's default fell below its floor against Keras at its best."""
+    if ratio < floor:
+        return f"REGRESSION zoo {family}: fastcore default / Keras best {ratio:.2f} < floor {floor:.2f}"
+    return None
+
+
+def jax_anchor(seconds: float) -> dict[str, float] | str:
+    """{model: JAX ex/s, float32} from jax_anchor.py in its own venv, or why it could not run."""
+    if not pathlib.Path(JAX_PYTHON).exists():
+        return f"no JAX venv at {JAX_PYTHON} (set FASTCORE_JAX_PYTHON)"
+    if not JAX_ANCHOR.exists():
+        return f"no {JAX_ANCHOR}"
+    done = subprocess.run([JAX_PYTHON, str(JAX_ANCHOR), str(seconds)], capture_output=True, text=True, timeout=600)
+    found = {m[1]: float(m[2].replace(",", "")) for m in re.finditer(r"^jax (\S+) .* f32: ([\d,]+) ex/s$", done.stdout, re.M)}
+    if done.returncode or not found:
+        return f"jax_anchor.py failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}"
+    return found
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self.start

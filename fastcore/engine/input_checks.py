@@ -1,0 +1,138 @@
+"""Checks on the data before the first step: what a compiled call would otherwise refuse late, or in many lines.
+
+Each refusal is one UsageError line, and each check is cheap: it reads element specs, traces the evaluation
+call once (the trace the first evaluation would make anyway, so it is reused), and reads labels only for a
+loss that takes class ids (the label arrays, or a dataset's first batch: no pass over the features).
+  - features: XLA compiles dense numbers only, so string, ragged and sparse tensors are refused under XLA;
+  - labels: a sparse categorical loss takes ids 0..classes-1; outside that range XLA silently gives NaN
+    (validation: a NaN eval_loss) and TensorFlow raises a many-line error elsewhere;
+  - validation data: traced against the model, loss and metrics before the first step (a wrong feature
+    shape, or a metric returning one number, otherwise fails after the first epoch's work).
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from fastcore.engine import feeding
+from fastcore.engine.loss_step import unpack
+from fastcore.engine.metrics import create_variables
+from fastcore.engine.outputs import labels_per_output, line_up
+from fastcore.engine.step import call_model
+from fastcore.errors import FastcoreError, UsageError, gist
+
+_XLA_REFUSES = {   # kind of tensor -> how to make it one XLA takes
+    "string": "turn it into numbers in the input pipeline (e.g. a StringLookup in dataset.map)",
+    "ragged": "pad it to one length (ragged.to_tensor(), or dataset.padded_batch)",
+    "sparse": "make it dense (tf.sparse.to_dense)",
+}
+
+
+def features(spec, mode: str, what: str) -> None:
+    """Under XLA (mode "xla", or "auto", which times XLA), refuse any element that is not a dense tensor
+    of numbers."""
+    if mode not in ("xla", "auto"):
+        return
+    for path, leaf in feeding.leaves(spec):
+        kind = ("ragged" if isinstance(leaf, tf.RaggedTensorSpec) else "sparse" if isinstance(leaf, tf.SparseTensorSpec)
+                else "string" if leaf.dtype == tf.string else None)
+        if kind:
+            raise UsageError(f"the {what} data's element {path} is a {kind} tensor, which XLA cannot compile: "
+                             f"{_XLA_REFUSES[kind]}, or train with mode='graph'")
+
+
+def training_labels(engine, feed: feeding.Feed) -> None:
+    """The training labels against the loss's classes: the label arrays, or a dataset's first batch."""
+    if _class_ids(engine):
+        labels(engine, feed.labels if feed.labels is not None else _first_labels(feed.user_dataset), "training")
+
+
+def labels(engine, y, what: str) -> None:
+    """Refuse labels outside 0..classes-1 for each output whose loss takes class ids (sparse categorical
+    crossentropy; its ignore_class is allowed)."""
+    objective = getattr(engine.step_fn, "objective", None)
+    if y is None:   # an empty dataset: nothing to check
+        return
+    for index, (classes, ignore) in _class_ids(engine).items():
+        values = np.asarray(labels_per_output(y, objective.names)[index])
+        if ignore is not None:
+            values = values[values != ignore]
+        if not values.size:
+            continue
+        low, high = values.min(), values.max()
+        if low >= 0 and high < classes:
+            continue
+        output = f" of output {objective.names[index]!r}" if len(objective.names) > 1 else ""
+        raise UsageError(f"the {what} labels{output} include {float(low if low < 0 else high):g}, but the model's "
+                         f"output has {classes} classes: a sparse categorical loss takes class ids 0 to {classes - 1}")
+
+
+def validation(engine, data, options, mode: str) -> tf.data.Dataset:
+    """fit's validation_data as evaluation batches (every example once; `options.validation_steps` batches
+    when given), checked against the model, loss and metrics before the first step."""
+    sizes = dict(batch_size=options.validation_batch_size, steps=options.validation_steps, what="validation")
+    arrays = isinstance(data, tuple) and not feeding.is_dataset(data[0])
+    if arrays:
+        batches = feeding.eval_batches(data[0], data[1], sample_weight=data[2] if len(data) == 3 else None, **sizes)
+    else:
+        batches = feeding.eval_batches(data, **sizes)
+    features(batches.element_spec[0], mode, "validation")
+    _trace_evaluation(engine, batches.element_spec)
+    if _class_ids(engine):
+        labels(engine, data[1] if arrays else _first_labels(data), "validation")
+    return batches
+
+
+def _trace_evaluation(engine, spec) -> None:
+    """Trace the evaluation call on the validation batches' spec. With a fully known spec this is the
+    compiled function's own trace, reused by the first evaluation; otherwise a throwaway one."""
+    create_variables(engine, spec[0])   # the metrics' variables, made outside any compiled function
+    fixed = all(s.shape.is_fully_defined() for s in tf.nest.flatten(spec))
+    reusable = fixed and hasattr(engine.evaluate, "get_concrete_function")
+    trace = engine.evaluate if reusable else tf.function(engine.eval_call, autograph=False)
+    try:
+        trace.get_concrete_function(*spec)
+    except FastcoreError:
+        raise
+    except (ValueError, TypeError) as e:   # Keras' layer-call refusal: many lines, ANSI bold
+        raise UsageError(_scalar_metric(engine, spec[0])
+                         or f"the model, loss or metrics refuse the validation data: {gist(e)}") from None
+
+
+def _scalar_metric(engine, batch_spec) -> str | None:
+    """The refusal of a metric function that returns one number per batch, if one does (evaluation weights
+    each example, so a metric must give one value per example)."""
+    metrics = getattr(engine.eval_fn, "metrics", None)
+    functions = [m for spec in (getattr(metrics, "spec", None), getattr(metrics, "weighted_spec", None))
+                 for m in tf.nest.flatten(spec or []) if callable(m) and not hasattr(m, "update_state")]
+    if not functions or len(engine.models) != 1:
+        return None
+    model = engine.model
+    found = []
+
+    def probe(batch):
+        x, y, weights = unpack(batch)
+        outputs = line_up(model, y, call_model(model, x, training=False), weights)
+        found.extend(fn for fn in functions for true, pred in zip(outputs.y_true, outputs.y_pred)
+                     if fn(true, pred).shape.rank == 0)
+    try:
+        tf.function(probe, autograph=False).get_concrete_function(batch_spec)
+    except Exception:   # noqa: BLE001 (no diagnosis; the caller says what failed)
+        return None
+    if not found:
+        return None
+    name = getattr(found[0], "__name__", type(found[0]).__name__)
+    return (f"metric {name!r} returns one number per batch: return one value per example (reduce over the last "
+            f"axis only, e.g. tf.reduce_mean(..., axis=-1)), as evaluation weighs each example")
+
+
+def _class_ids(engine) -> dict:
+    objective = getattr(engine.step_fn, "objective", None)
+    return objective.class_ids if objective is not None else {}
+
+
+def _first_labels(ds: tf.data.Dataset):
+    """The labels of a dataset's first batch of (x, y[, sample_weight]), as numpy."""
+    for element in ds.take(1):
+        return tf.nest.map_structure(lambda t: t.numpy(), unpack(element)[1])
+    return None
