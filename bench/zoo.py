@@ -154,18 +154,18 @@ class KerasFit:
     def __init__(self, family: Family, dataset: tf.data.Dataset, jit_compile: bool, steps_per_execution: int,
                  round_seconds: float):
         self.name = f"keras_{'xla' if jit_compile else 'graph'}_spe{steps_per_execution}"
-        self.family, self.dataset, self.spe = family, dataset, steps_per_execution
+        self.family, self.dataset = family, dataset
         keras.utils.set_random_seed(SEED)
         self.model = family.build()
         self.model.compile(optimizer=family.optimizer(), loss=family.loss(), jit_compile=jit_compile,
                            steps_per_execution=steps_per_execution)
         self.timer = _EpochTimer()
         start = time.perf_counter()
-        self._fit(2 * steps_per_execution)   # trace + compile
+        self._fit(steps_per_execution)   # trace + compile
         self.compile_seconds = time.perf_counter() - start
-        per_step = self._fit(2 * steps_per_execution) / (2 * steps_per_execution)
+        per_step = self._fit(steps_per_execution) / steps_per_execution
         self.steps = steps_per_execution * max(1, round(round_seconds / per_step / steps_per_execution))
-        self.compile_seconds = max(self.compile_seconds - 2 * steps_per_execution * per_step, 0.0)
+        self.compile_seconds = max(self.compile_seconds - steps_per_execution * per_step, 0.0)
         self.rates: list[float] = []
 
     def _fit(self, steps: int) -> float:
@@ -237,11 +237,24 @@ def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, mod
             [Fastcore(family, x, y, mode, round_seconds) for mode in modes])
 
 
-def interleave(runners: list, rounds: int) -> dict[str, float]:
-    """{runner: median examples/s}: one round of each runner in turn, the order rotating every round."""
+OUT_OF_RACE = 3.0   # after the first round, a runner this many times slower than its group's fastest stops
+
+
+def interleave(runners: list, rounds: int, keep: str = "fastcore_auto") -> dict[str, float]:
+    """{runner: median examples/s}: one round of each runner in turn, the order rotating every round. A runner
+    far behind the fastest of its group (keras_ or fastcore_; XLA around convolutions: a round of 32 steps
+    took 20 s) keeps its first round's figure, which cannot make it its group's best; `keep` (the gated
+    default) runs every round."""
+    def group(runner):
+        return runner.name.split("_")[0]
     for r in range(rounds):
+        fastest = {}
+        for runner in runners:
+            if runner.rates:
+                fastest[group(runner)] = max(fastest.get(group(runner), 0.0), statistics.median(runner.rates))
         for runner in runners[r % len(runners):] + runners[:r % len(runners)]:
-            runner.round()
+            if r == 0 or runner.name == keep or runner.rates[0] * OUT_OF_RACE >= fastest[group(runner)]:
+                runner.round()
     return {runner.name: statistics.median(runner.rates) for runner in runners}
 
 
@@ -252,13 +265,21 @@ def verdict(family: str, ratio: float, floor: float) -> str | None:
     return None
 
 
+# jax_anchor.py with JAX's CPU async dispatch off: its timed loop (`while elapsed < seconds: call()`) then stops
+# at `seconds`; with it on the loop only queues calls, and under load 0.5 s measures ran 7.6 minutes. A K-step
+# call takes 20 ms or more, so the per-call dispatch this adds is well under 1%.
+_JAX_SYNC = ("import runpy, sys, jax; jax.config.update('jax_cpu_enable_async_dispatch', False); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def jax_anchor(seconds: float) -> dict[str, float] | str:
     """{model: JAX ex/s, float32} from jax_anchor.py in its own venv, or why it could not run."""
     if not pathlib.Path(JAX_PYTHON).exists():
         return f"no JAX venv at {JAX_PYTHON} (set FASTCORE_JAX_PYTHON)"
     if not JAX_ANCHOR.exists():
         return f"no {JAX_ANCHOR}"
-    done = subprocess.run([JAX_PYTHON, str(JAX_ANCHOR), str(seconds)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([JAX_PYTHON, "-c", _JAX_SYNC, str(JAX_ANCHOR), str(seconds)], capture_output=True, text=True,
+                          timeout=600)
     found = {m[1]: float(m[2].replace(",", "")) for m in re.finditer(r"^jax (\S+) .* f32: ([\d,]+) ex/s$", done.stdout, re.M)}
     if done.returncode or not found:
         return f"jax_anchor.py failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}"

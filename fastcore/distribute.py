@@ -237,8 +237,9 @@ class _deadline:
         line = (f"fastcore-train: error: {self.message}; is every worker started with the same TF_CONFIG "
                 f"cluster? (the timeout is --peer-timeout)")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(self.seconds), line,
-                                          str(self.guard_port), root], stdin=subprocess.PIPE, stderr=sys.stderr.fileno())
+        argv = [str(os.getpid()), str(self.seconds), line, str(self.guard_port), root]
+        self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, *argv], stdin=subprocess.PIPE,
+                                         stderr=sys.stderr.fileno())
         if self.guard_port:
             serverguard.allow_inspection_by(self.watchdog.pid)
         return self

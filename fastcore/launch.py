@@ -4,7 +4,8 @@ Each worker is `python -m fastcore.train <train args> --strategy multi-worker` w
 naming N free loopback ports; worker 0 is the chief (it writes the run's files). Output is streamed with
 a `[worker i]` prefix. When a worker fails, the others are stopped (SIGTERM, then SIGKILL after
 --stop-timeout seconds: a worker waiting for a peer inside TensorFlow ignores SIGTERM), so nothing is
-left running and nothing hangs. The exit code is the chief's (see fastcore.train's --help). A worker that
+left running and nothing hangs. The workers' temp directory (TMPDIR) is one private folder the launcher
+removes at the end, however they ended. The exit code is the chief's (see fastcore.train's --help). A worker that
 ends by a signal is named in one line with its cause: what the signal means, who sent it, and the last
 telling line of its stderr (e.g. "Resource temporarily unavailable": a limit on threads was reached).
 
@@ -19,10 +20,12 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -84,7 +87,7 @@ def _stream(pipe, prefix: str, sink, tail: collections.deque | None = None) -> N
 class Workers:
     """The worker processes, each in its own process group (so stopping one stops its children too)."""
 
-    def __init__(self, count: int, train_args: list[str]):
+    def __init__(self, count: int, train_args: list[str], scratch: str):
         ports = free_ports(count)
         self.procs: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
@@ -94,7 +97,7 @@ class Workers:
         if "--strategy" not in train_args:
             command += ["--strategy", "multi-worker"]
         for index in range(count):
-            env = {**os.environ, "TF_CONFIG": tf_config(ports, index)}
+            env = {**os.environ, "TF_CONFIG": tf_config(ports, index), "TMPDIR": scratch}
             proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
             self.procs.append(proc)
@@ -140,7 +143,7 @@ class Workers:
 
 
 MEANINGS = {
-    "SIGABRT": "it aborted itself on a fatal error",
+    "SIGABRT": "an abort (a fatal error in native code)",
     "SIGSEGV": "it crashed (invalid memory access)",
     "SIGBUS": "it crashed (bus error: a truncated memory-mapped file, or /dev/shm full)",
     "SIGILL": "it crashed (illegal instruction: a build for another CPU?)",
@@ -203,10 +206,20 @@ def main(argv: list[str] | None = None) -> int:
         print("fastcore-launch: error: no training arguments: give them after --, e.g. -- --dataset higgs",
               file=sys.stderr)
         return 2
+    # The workers' temp directory: removed below however they end (a worker killed by a signal cannot clean up).
+    scratch = tempfile.mkdtemp(prefix="fastcore-launch-")
+    try:
+        return _run(args, train_args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args, train_args: list[str], scratch: str) -> int:
+    """Start the workers, stop them all when one fails or a signal comes, say how each ended."""
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    workers = Workers(args.workers, train_args)
+    workers = Workers(args.workers, train_args, scratch)
     while workers.running():
         failure = workers.first_failure()
         if failure or received:

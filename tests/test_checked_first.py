@@ -94,6 +94,38 @@ def test_a_mistake_in_the_step_is_one_line_and_nothing_reaches_stderr(mistake, c
     assert untrained(trainer)
 
 
+NATIVE_LOGS = """
+import sys, numpy as np, tensorflow as tf, keras, fastcore
+tf.function(lambda t: t * 2, jit_compile=True)(tf.ones([2]))   # TensorFlow's and XLA's start-up lines first
+def step(batch, ctx):
+    x, y = batch
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(ctx.call(ctx.model, x) - y)) + tf.py_function(lambda: 0.0, [], tf.float32)
+    return fastcore.Update(loss, list(zip(tape.gradient(loss, ctx.model.trainable_variables),
+                                          ctx.model.trainable_variables)))
+x = np.ones((64, 4), np.float32)
+trainer = fastcore.Trainer(lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+                           keras.optimizers.SGD(0.01), step=step, mode="xla")
+print("MARK", file=sys.stderr, flush=True)
+try:
+    trainer.fit(x, x[:, :1], batch_size=32, verbose=False)
+except fastcore.UsageError as e:
+    print(e)
+"""
+
+
+def test_tensorflows_own_log_of_a_failed_compile_on_the_helper_thread_is_not_printed(tmp_path):
+    """With TensorFlow's C++ logging on (a library user's default), an XLA compile failing on the
+    pre-flight's helper thread logs its op's Python stack; the one line says it all, so that log is held."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}
+    done = subprocess.run([sys.executable, "-c", NATIVE_LOGS], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip().splitlines()[-1].startswith("XLA cannot compile the step: it uses EagerPyFunc"), done
+    assert done.stderr.split("MARK\n", 1)[1] == "", done.stderr
+
+
 def test_every_gradient_none_with_loss_is_refused_in_every_mode(capfd):
     class Frozen(tf.Module):
         def __init__(self):
@@ -206,9 +238,11 @@ def test_validation_data_that_does_not_fit_is_refused_before_the_first_step(case
 
 
 def test_the_validation_check_adds_no_trace():
+    """Its trace is the evaluation's own: the two evaluations reuse it."""
     x, y = regression()
-    result = regressor(metrics=["mae"]).fit(x, y, batch_size=B, epochs=2, validation_data=(x, y), verbose=False)
-    assert result.summary["traces"]["eval"] == 1
+    trainer = regressor(metrics=["mae"], mode="graph")
+    result = trainer.fit(x, y, batch_size=B, epochs=2, validation_data=(x, y), verbose=False)
+    assert result.summary["traces"]["eval"] == 1 and len(result.history) == 2
 
 
 # -- every argument's type and range ------------------------------------------------------------------

@@ -26,7 +26,7 @@ class Run:
 
     def __init__(self, data_dir, logdir, *args, env=None, launcher=()):
         command = [sys.executable, "-m", "fastcore.launch", "--workers", "2", *launcher, "--", "--precision", "float32",
-                   "--no-preflight", *args, "--data-dir", data_dir, "--logdir", str(logdir)]
+                   "--no-preflight", "--threads", "all", *args, "--data-dir", data_dir, "--logdir", str(logdir)]
         self.proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.out, self.err, self.step = [], [], 0
@@ -86,8 +86,9 @@ def soak(data_dir, tmp_path_factory):
             try:
                 if run.step:
                     run.samples.append((run.step, [usage(pid) for pid in run.workers()]))
-                    run.folders.append((run.step, [(p.name, p.lstat().st_ino, oct(p.lstat().st_mode)) for p in run.tmp.iterdir()
-                                                   if p.name.startswith("fastcore-worker-checkpoint-")]))
+                    folders = list(run.tmp.glob("fastcore-launch-*/fastcore-worker-checkpoint-*"))
+                    run.folders.append((run.step, [(p.name, p.lstat().st_ino, oct(p.lstat().st_mode))
+                                                   for p in folders]))
             except (OSError, ValueError, AttributeError):   # a worker ending between two reads
                 pass
             time.sleep(0.2)
@@ -184,9 +185,9 @@ def test_a_long_two_worker_run_holds_threads_and_descriptors_flat(soak):
 
 
 def test_the_non_chief_worker_saves_into_one_private_folder_kept_for_the_run(soak):
-    """Worker 1's checkpoint folder is created once (mkdtemp: mode 0700, a random name), is the same folder at
-    every sample across ~30 saves (never removed and re-created at a known path, where a planted symlink
-    received the checkpoints), and is gone when the run ends."""
+    """Worker 1's checkpoint folder is created once (mkdtemp: mode 0700, a random name, inside the launcher's
+    private TMPDIR for the workers), is the same folder at every sample across ~30 saves (never removed and
+    re-created at a known path, where a planted symlink received the checkpoints), and is gone at the end."""
     code, _ = soak.finish(timeout=300)
     assert code == 0
     during = [entries for step, entries in soak.folders if 100 < step < SOAK_STEPS]   # from the first save on
@@ -194,7 +195,7 @@ def test_the_non_chief_worker_saves_into_one_private_folder_kept_for_the_run(soa
     ((name, _, mode),) = during[0]   # one folder, the same inode throughout, never missing
     assert mode == "0o40700", mode   # a directory (not a symlink), private to the user
     assert len(list((soak.tmp.parent / "logs" / "r" / "checkpoints").glob("ckpt-*.index"))) == 3
-    assert not list(soak.tmp.glob("fastcore-worker-checkpoint-*"))   # removed at the end
+    assert list(soak.tmp.iterdir()) == []   # the worker's folder, and the launcher's TMPDIR for the workers, removed
 
 
 def test_a_stale_ckpt_temp_folder_is_removed_only_by_the_run_holding_the_lock(data_dir, tmp_path):
@@ -211,7 +212,8 @@ def test_a_stale_ckpt_temp_folder_is_removed_only_by_the_run_holding_the_lock(da
     (folder / "ckpt-3_temp").symlink_to(outside)
     (folder / "notes_temp").mkdir()   # not a checkpoint's temp folder
     train = [sys.executable, "-m", "fastcore.train", "--dataset", "line", "--epochs", "2", "--precision", "float32",
-             "--no-preflight", "--run-name", "r", "--logdir", str(tmp_path / "logs"), "--data-dir", data_dir]
+             "--no-preflight", "--threads", "all", "--run-name", "r", "--logdir", str(tmp_path / "logs"),
+             "--data-dir", data_dir]
 
     with runguard.RunLock(str(tmp_path / "logs" / "r")):
         refused = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -226,16 +228,19 @@ def test_a_stale_ckpt_temp_folder_is_removed_only_by_the_run_holding_the_lock(da
 
 
 def test_a_worker_killed_by_a_signal_is_named_in_one_line_with_its_cause(data_dir, tmp_path):
-    run = Run(data_dir, tmp_path, "--dataset", "line", "--batch-size", "10", "--steps-per-call", "1", "--epochs", "400",
-              launcher=["--stop-timeout", "30"])   # worker 0 notices the loss by TensorFlow's heartbeat (~10 s)
+    (tmp_path / "tmp").mkdir()
+    # --stop-timeout 30: worker 0 notices the loss by TensorFlow's heartbeat (~10 s) and ends by itself
+    run = Run(data_dir, tmp_path / "logs", "--dataset", "line", "--batch-size", "10", "--steps-per-call", "1",
+              "--epochs", "400", launcher=["--stop-timeout", "30"], env={"TMPDIR": str(tmp_path / "tmp")})
     run.wait_for_step(100)
     chief, other = run.workers()
     os.kill(other, signal.SIGABRT)
     code, err = run.finish()
     assert code == 4, err[-10:]
+    assert not list(tmp_path.glob("tmp/*"))   # the killed worker's temp folder went with the launcher's TMPDIR
     last = err[-1]
-    assert last.startswith("fastcore-launch: worker 0 exit code 4; worker 1 killed by SIGABRT: it aborted itself on "
-                           "a fatal error"), last
+    assert last.startswith("fastcore-launch: worker 0 exit code 4; worker 1 killed by SIGABRT: an abort (a fatal "
+                           "error in native code)"), last
     assert not any("Traceback" in line for line in err), err
 
 
@@ -246,7 +251,7 @@ def test_the_launcher_names_the_limit_a_worker_died_of():
             "what():  Resource temporarily unavailable", "*** SIGABRT received by PID 4711 (TID 4790) on cpu 1 ***",
             "PC: @     0x7f2f4a29e9fc  (unknown)  pthread_kill", "@     0x7f2f4a24a520  (unknown)  (unknown)"]
     line = launch.describe(-signal.SIGABRT, tail)
-    assert line == ("killed by SIGABRT: it aborted itself on a fatal error: a limit on threads or processes was "
+    assert line == ("killed by SIGABRT: an abort (a fatal error in native code): a limit on threads or processes was "
                     "reached (ulimit -u, the cgroup's pids.max, /proc/sys/kernel/threads-max) (its last words: "
                     "\"terminate called after throwing an instance of 'std::system_error' what(): Resource "
                     "temporarily unavailable\")"), line

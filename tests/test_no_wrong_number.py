@@ -56,6 +56,11 @@ def assert_checkpoints_finite(run_dir: str) -> list[str]:
     return prefixes
 
 
+def make_trainer(model, optimizer, mode: str = "graph", **kwargs) -> fastcore.Trainer:
+    """A Trainer on one compiled path (no timing of paths: these tests are about figures, not speed)."""
+    return fastcore.Trainer(model, optimizer, mode=mode, **kwargs)
+
+
 class CallLogs(Callback):
     """Each call's logs, read."""
 
@@ -67,17 +72,17 @@ class CallLogs(Callback):
 
 
 # -- float16: a skipped step -------------------------------------------------------------------------------
-@pytest.mark.parametrize("k", [1, 4])
-def test_a_skipped_float16_step_leaves_batch_norm_statistics_and_every_checkpoint_finite(tmp_path, k):
+@pytest.mark.parametrize("mode, k", [("xla", 4), ("graph", 1)])
+def test_a_skipped_float16_step_leaves_batch_norm_statistics_and_every_checkpoint_finite(tmp_path, mode, k):
     x, y = regression(inf_row=37)
     xv, yv = regression(seed=1, n=64)
-    trainer = fastcore.Trainer(mlp(batch_norm=True), keras.optimizers.SGD(0.01), loss="mse", precision="float16",
-                               steps_per_call=k)
-    result = trainer.fit(x, y, batch_size=B, epochs=3, validation_data=(xv, yv), run_dir=str(tmp_path),
+    trainer = make_trainer(mlp(batch_norm=True), keras.optimizers.SGD(0.01), mode, loss="mse",
+                           precision="float16", steps_per_call=k)
+    result = trainer.fit(x, y, batch_size=B, epochs=2, validation_data=(xv, yv), run_dir=str(tmp_path),
                          verbose=False)
-    assert result.summary["skipped_steps"] >= 3   # the Inf example's batch, once per epoch
+    assert result.summary["skipped_steps"] >= 2   # the Inf example's batch, once per epoch
     assert all(math.isfinite(h["eval_loss"]) for h in result.history)
-    assert len(assert_checkpoints_finite(str(tmp_path))) == 3
+    assert len(assert_checkpoints_finite(str(tmp_path))) == 2
     statistics = [v for v in trainer.models["model"].variables if "moving_" in v.path]
     assert statistics and all(np.isfinite(v.numpy()).all() for v in statistics)
 
@@ -85,11 +90,13 @@ def test_a_skipped_float16_step_leaves_batch_norm_statistics_and_every_checkpoin
 @pytest.mark.parametrize("k", [1, 4])
 def test_a_skipped_float16_step_is_left_out_of_the_epoch_loss_and_counted(tmp_path, k):
     x, y = regression(inf_row=37)
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse", precision="float16",
-                               steps_per_call=k)
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse", metrics=["mae"], precision="float16",
+                           steps_per_call=k)
     calls = CallLogs()
     result = trainer.fit(x, y, batch_size=B, epochs=2, run_dir=str(tmp_path), verbose=False, callbacks=[calls])
-    assert all(math.isfinite(h["train_loss"]) for h in result.history), result.history
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["train_mae"]) for h in result.history), \
+        result.history
+    assert not any("non_finite" in h for h in result.history)
     skipped = [h.get("skipped_steps", 0) for h in result.history]
     assert all(s >= 1 for s in skipped) and sum(skipped) == result.summary["skipped_steps"]
     if k == 1:   # each call is one step: the epoch's loss is the mean over the applied ones
@@ -111,7 +118,7 @@ def test_a_nan_diagnostic_log_does_not_make_a_float16_step_skip():
             scaled = ctx.scale(loss)
         grads = tape.gradient(scaled, ctx.model.trainable_variables)
         return fastcore.Update(loss, zip(grads, ctx.model.trainable_variables), logs={"ratio": tf.constant(np.nan)})
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.01), step=step, precision="float16", steps_per_call=1)
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.01), step=step, precision="float16", steps_per_call=1)
     result = trainer.fit(x, y, batch_size=B, epochs=1, verbose=False)
     assert result.summary["skipped_steps"] <= 1   # at most the loss scaler's first overflow, not every step
     assert math.isfinite(result.history[0]["train_loss"])
@@ -135,8 +142,8 @@ def test_a_checkpoint_is_never_written_with_a_nan_in_any_variable(tmp_path, caps
     pick = {"moving statistics": lambda e: [v for v in e.model_variables if "moving_mean" in v.path],
             "optimizer state": lambda e: [v for v in e.optimizer.variables if "momentum" in v.path]}[where]
     x, y = regression()
-    trainer = fastcore.Trainer(mlp(batch_norm=True), keras.optimizers.SGD(0.01, momentum=0.9), loss="mse",
-                               mode="graph", steps_per_call=1)
+    trainer = make_trainer(mlp(batch_norm=True), keras.optimizers.SGD(0.01, momentum=0.9), loss="mse",
+                           steps_per_call=1)
     result = trainer.fit(x, y, batch_size=B, epochs=2, run_dir=str(tmp_path), callbacks=[Poison(pick)])
     assert pick(trainer.engine) and all(np.isnan(v.numpy()).all() for v in pick(trainer.engine))
     prefixes = assert_checkpoints_finite(str(tmp_path))
@@ -168,7 +175,7 @@ def test_a_padded_last_evaluation_batch_reaches_no_metric(validation):
     x, y = positive_regression(0, N)
     xv, yv = positive_regression(1, 50)   # batches of 16: the last holds 2 real rows and 14 padding
     data = (xv, yv) if validation == "arrays" else tf.data.Dataset.from_tensor_slices((xv, yv)).batch(16)
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.0), loss="mse", metrics=[relative_error])
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.0), loss="mse", metrics=[relative_error])
     result = trainer.fit(x, y, batch_size=B, epochs=1, validation_data=data, validation_batch_size=16, verbose=False)
     true_mean = float(np.mean(np.abs(yv - trainer.predict(xv)) / yv))
     assert result.history[0]["eval_relative_error"] == pytest.approx(true_mean, rel=1e-5)
@@ -183,7 +190,7 @@ def test_validation_sample_weights_are_used_as_keras_uses_them(validation):
     xv, yv = regression(seed=1, n=50)
     wv = np.random.default_rng(2).uniform(0.0, 1.0, size=50).astype("float32")
     data = (xv, yv, wv) if validation == "arrays" else tf.data.Dataset.from_tensor_slices((xv, yv, wv)).batch(16)
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.0), loss="mse", weighted_metrics=["mae"])
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.0), loss="mse", weighted_metrics=["mae"])
     ours = trainer.fit(x, y, batch_size=B, epochs=1, validation_data=data, validation_batch_size=16,
                        verbose=False).history[0]
     reference = mlp()()
@@ -210,7 +217,7 @@ def precision_step(batch, ctx):
 
 def test_a_nan_diagnostic_log_is_reported_and_the_run_goes_on(tmp_path, capsys):
     x, y = regression()
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.01), step=precision_step)
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.01), step=precision_step)
     result = trainer.fit(x, y, batch_size=B, epochs=2, run_dir=str(tmp_path))
     assert result.summary["steps"] == 2 * N // B and result.summary["skipped_steps"] == 0
     assert all(np.isfinite(v.numpy()).all() for v in trainer.models["model"].variables)
@@ -224,17 +231,17 @@ def test_a_nan_diagnostic_log_is_reported_and_the_run_goes_on(tmp_path, capsys):
 def test_a_nan_evaluation_loss_is_reported_not_returned_as_a_figure(tmp_path, capsys):
     x, y = regression()
     xv, yv = regression(seed=1, n=64)
-    xv[5, 3] = np.nan
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse")
+    xv[5, 3] = np.inf
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse")
     result = trainer.fit(x, y, batch_size=B, epochs=1, validation_data=(xv, yv), run_dir=str(tmp_path))
-    assert math.isnan(result.history[0]["eval_loss"]) and result.history[0]["non_finite"] == ["eval_loss"]
+    assert not math.isfinite(result.history[0]["eval_loss"]) and result.history[0]["non_finite"] == ["eval_loss"]
     said = capsys.readouterr().out
     assert [line for line in said.splitlines() if line.startswith("warning:")] == [
         "warning: epoch 1: eval_loss is NaN/Inf (labels the loss cannot take, or NaN/Inf in the validation "
         "data or weights); the history marks it (non_finite)"]
     assert result.summary["non_finite_figures"] == ["epoch 1: eval_loss"]
     with pytest.warns(RuntimeWarning, match="evaluate: loss is NaN/Inf"):
-        assert math.isnan(trainer.evaluate(xv, yv)["loss"])
+        assert not math.isfinite(trainer.evaluate(xv, yv)["loss"])
 
 
 # -- a second fit on one Trainer ---------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ def checkpoint_steps(run_dir: str) -> dict[int, int]:
 def test_a_second_fit_numbers_its_checkpoints_by_the_optimizer_step_and_resume_counts_alike(tmp_path, capsys):
     x, y = regression()
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    trainer = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse")
+    trainer = make_trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse")
     trainer.fit(x, y, batch_size=B, epochs=1, run_dir=first, verbose=False)
     again = trainer.fit(x, y, batch_size=B, epochs=1, run_dir=second, verbose=False)   # 8 more steps, as Keras
     assert checkpoint_steps(first) == {8: 8} and checkpoint_steps(second) == {16: 16}
@@ -255,7 +262,7 @@ def test_a_second_fit_numbers_its_checkpoints_by_the_optimizer_step_and_resume_c
     assert int(trainer.engine.optimizer.iterations.numpy()) == 16
 
     def resumed(epochs):
-        fresh = fastcore.Trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse")
+        fresh = make_trainer(mlp(), keras.optimizers.SGD(0.01), loss="mse")
         return fresh.fit(x, y, batch_size=B, epochs=epochs, run_dir=second, resume=True)
     capsys.readouterr()
     done = resumed(2)   # the run in `second` is at step 16 = 2 epochs: complete, and it says so consistently

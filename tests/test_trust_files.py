@@ -147,6 +147,7 @@ def test_a_seed_out_of_range_is_bad_input(tmp_path, seed):
 def test_a_damaged_summary_then_resume_of_a_finished_run_is_one_line(tmp_path, damage):
     flags = [*LINE, "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "r"]
     assert cli(*flags)[0] == 0
+    assert os.stat(tmp_path / "r" / ".lock").st_mode & 0o077 == 0   # the lock file is private (0600)
     (tmp_path / "r" / "summary.json").write_text(damage)
     code, _, err = cli(*flags, "--resume")
     assert code == 2
@@ -186,6 +187,7 @@ def test_an_implausible_cached_peak_is_measured_again(cache, monkeypatch, bad):
         calibrate.entry(*e): 50.0 for e in entries})
     top = calibrate.ceiling("float32")
     assert len(asked) == 1 and top["gflops"] == 50.0 and not top["cached"]
+    assert os.stat(cache / "calibration.json.lock").st_mode & 0o077 == 0
     assert strict(cache / "calibration.json")[calibrate.machine_key()][LARGE]["gflops"] == 50.0
     line = tensorboard.final_lines({"utilisation": 0.5, "achieved_gflops": 25.0, "flops_per_example": 1e6,
                                     "step_time_ms": 1.0, "peak": {**top, "dtype": "float32"}})[0]

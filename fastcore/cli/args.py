@@ -21,7 +21,8 @@ Several devices or machines (tf.distribute; the distributed twin is --verify N):
 Exit codes: 0 done, 1 --verify or the pre-flight check failed, 2 bad input, 3 NaN/Inf stopped the run,
 4 a worker was lost mid-run (continue with --resume), 137 (killed) a worker whose peers did not
 join within --peer-timeout (TensorFlow waits for them holding the process; a watchdog prints why),
-130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved; continue with --resume), 70 internal error.
+130 / 143 stopped by SIGINT / SIGTERM (in training after saving a checkpoint; continue with --resume),
+70 internal error.
 """
 
 
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                       help="plain tf.function graph, no XLA")
     mode.add_argument("--eager", dest="mode", action="store_const", const="eager",
                       help="run the very same step function eagerly (the reference twin)")
+    mode.add_argument("--auto", dest="mode", action="store_const", const="auto",
+                      help="time XLA and a plain graph, each with 1 and K steps per call, on the first batches "
+                           "(~20 s once, then cached per machine) and keep the fastest (the library's default)")
     p.set_defaults(mode="xla")
     p.add_argument("--precision", choices=CHOICES, default="auto",
                    help="float32; bfloat16 or float16 mixed precision (float16 with dynamic loss scaling); "
@@ -79,9 +83,10 @@ def parser() -> argparse.ArgumentParser:
                    "batch's losses and gradients; exit 1 if not)")
     p.add_argument("--l2", type=float, default=0.0, help="L2 weight on every kernel (default: 0)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout rate after each hidden layer (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and dropout (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and dropout, 0 to 4294967295 (default: 0)")
     p.add_argument("--logdir", default="profiles", help="parent of run directories (default: %(default)s)")
-    p.add_argument("--run-name", help="run directory name under --logdir (default: built from the flags)")
+    p.add_argument("--run-name", help="run directory name: one folder inside --logdir, no path separator or '..' "
+                   "(default: built from the flags)")
     p.add_argument("--profile-steps", metavar="A:B",
                    help="profiler trace of steps A to B (from 1, inclusive; whole compiled calls) into "
                    "<logdir>/<run-name>/plugins/profile: view with tensorboard --logdir <logdir>, Profile tab")
@@ -110,5 +115,6 @@ def parser() -> argparse.ArgumentParser:
                    "split into N logical devices where there is no GPU (for testing: they share the cores)")
     p.add_argument("--peer-timeout", type=float, default=120.0, metavar="S",
                    help="multi-worker: seconds to wait for every worker to join (then one line, and the "
-                   "process is killed: exit 137) and for any one collective (then exit 4) (default: %(default)s)")
+                   "process is killed: exit 137) and for a worker that stops answering mid-run (then exit 4) "
+                   "(default: %(default)s)")
     return p

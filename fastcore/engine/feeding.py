@@ -254,7 +254,12 @@ def eval_batches(data, y=None, *, batch_size: int | None, sample_weight=None, st
         if not len(arrays):
             raise UsageError(f"the {what} arrays hold no examples")
         size = min(len(arrays), batch_size or max(1024, 1))
-        batches = pipelines.eval_stream(arrays, size).map(lambda *element: (tuple(element[:-1]), element[-1]))
+
+        def pair(*element):   # every batch holds `size` rows (padded): said in the spec, so a trace on it is reused
+            for t in tf.nest.flatten(element):
+                t.set_shape([size] + t.shape.as_list()[1:])
+            return tuple(element[:-1]), element[-1]
+        batches = pipelines.eval_stream(arrays, size).map(pair)
     return batches if steps is None else batches.take(steps)
 
 
@@ -262,7 +267,8 @@ def _padded_dataset(ds: tf.data.Dataset, batch_size: int | None, counted: bool, 
     cardinality = int(ds.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY and not counted:
         raise UsageError(f"the {what} dataset is endless (.repeat() without a count): its evaluation would never "
-                         f"end; pass validation_steps (batches per evaluation), or drop the .repeat()")
+                         f"end; give a step count (fit's validation_steps: batches per evaluation), or drop the "
+                         f".repeat()")
     if cardinality == 0:
         raise UsageError(f"the {what} dataset holds no batches")
     dim = check_shapes(ds.element_spec, what)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+import pipelines
 from fastcore.engine import feeding
 from fastcore.engine.loss_step import unpack
 from fastcore.engine.metrics import create_variables
@@ -50,9 +51,9 @@ def training_labels(engine, feed: feeding.Feed) -> None:
 def labels(engine, y, what: str) -> None:
     """Refuse labels outside 0..classes-1 for each output whose loss takes class ids (sparse categorical
     crossentropy; its ignore_class is allowed)."""
-    objective = getattr(engine.step_fn, "objective", None)
     if y is None:   # an empty dataset: nothing to check
         return
+    objective = engine.step_fn.objective
     for index, (classes, ignore) in _class_ids(engine).items():
         values = np.asarray(labels_per_output(y, objective.names)[index])
         if ignore is not None:
@@ -77,21 +78,27 @@ def validation(engine, data, options, mode: str) -> tf.data.Dataset:
     else:
         batches = feeding.eval_batches(data, **sizes)
     features(batches.element_spec[0], mode, "validation")
-    _trace_evaluation(engine, batches.element_spec)
+    _evaluation_runs(engine, batches)
     if _class_ids(engine):
-        labels(engine, data[1] if arrays else _first_labels(data), "validation")
+        labels(engine, data[1] if arrays else data.y if isinstance(data, pipelines.Arrays) else _first_labels(data),
+               "validation")
     return batches
 
 
-def _trace_evaluation(engine, spec) -> None:
-    """Trace the evaluation call on the validation batches' spec. With a fully known spec this is the
-    compiled function's own trace, reused by the first evaluation; otherwise a throwaway one."""
+def _evaluation_runs(engine, batches: tf.data.Dataset) -> None:
+    """Trace the evaluation call on the validation batches' spec: with a fully known spec (batches of one
+    shape) the compiled function's own trace, which the first evaluation reuses; else a throwaway one. In
+    eager mode, which may run code no graph can hold, the call runs on the first batch instead."""
+    spec = batches.element_spec
     create_variables(engine, spec[0])   # the metrics' variables, made outside any compiled function
-    fixed = all(s.shape.is_fully_defined() for s in tf.nest.flatten(spec))
-    reusable = fixed and hasattr(engine.evaluate, "get_concrete_function")
-    trace = engine.evaluate if reusable else tf.function(engine.eval_call, autograph=False)
     try:
-        trace.get_concrete_function(*spec)
+        if engine.mode == "eager":
+            for batch, weights in batches.take(1):
+                engine.evaluate(batch, weights)
+        elif all(s.shape.is_fully_defined() for s in tf.nest.flatten(spec)):
+            engine.evaluate.get_concrete_function(*spec)
+        else:
+            tf.function(engine.eval_call, autograph=False).get_concrete_function(*spec)
     except FastcoreError:
         raise
     except (ValueError, TypeError) as e:   # Keras' layer-call refusal: many lines, ANSI bold

@@ -53,7 +53,8 @@ def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, f
     k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying))
     precision = Precision(precision_name if precision_name != "auto" else "float32", "timing")
     try:
-        key = f"{_describe(assembly, feed)}/b{feed.batch_size}/k{k}/{precision.name}"
+        threads = tf.config.threading.get_intra_op_parallelism_threads()   # 0: TensorFlow's default, all
+        key = f"{_describe(assembly, feed)}/b{feed.batch_size}/k{k}/{precision.name}/threads{threads}"
         return choose(assembly, precision, lambda n: list(feed.dataset.take(n)), feed.batch_size, k, key)
     except Exception as e:   # the run's own step raises it again, where fastcore reports it in one line
         return Path("xla", k, f"auto: xla, {k} step(s) per call, not timed (the step raised {type(e).__name__})")

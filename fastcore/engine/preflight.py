@@ -12,15 +12,19 @@ eager step (reported as `preflight.seconds`). `verify` remains the full N-step c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import re
+import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from fastcore.errors import PreflightError, UsageError, no_gradient
+from fastcore.errors import FastcoreError, PreflightError, UsageError, no_gradient
 
 from fastcore.engine import rounding, twin_random
 from fastcore.engine.verify import UNREPEATABLE, SavedState
@@ -112,20 +116,52 @@ def run(engine, first_call, k: int, precision: str, overlap: bool) -> PreflightR
             seconds["warm_up"] = time.perf_counter() - start
         finally:
             engine.updates_on.assign(True)
-    try:
-        report = check(engine, batch, precision, warm_up if overlap else None)
-    except tf.errors.InvalidArgumentError as e:
-        ops = sorted(set(re.findall(r"No registered '(\w+)' OpKernel for XLA", str(e))))
-        if not ops:
-            raise
-        raise UsageError(f"XLA cannot compile the step: it uses {', '.join(ops)}, which XLA has no kernel for: "
-                         f"train with mode='graph', or take the operation out of the step") from None
+    with native_log_held():
+        try:
+            report = check(engine, batch, precision, warm_up if overlap else None)
+        except tf.errors.InvalidArgumentError as e:
+            ops = sorted(set(re.findall(r"No registered '(\w+)' OpKernel for XLA", str(e))))
+            if not ops:
+                raise
+            raise UsageError(f"XLA cannot compile the step: it uses {', '.join(ops)}, which XLA has no kernel for: "
+                             f"train with mode='graph', or take the operation out of the step") from None
     report.warm_up_seconds = seconds.get("warm_up")
     if report.warm_up_seconds:   # the training compile it overlapped would have happened anyway
         report.extra_seconds = max(report.seconds - report.warm_up_seconds, 0.0)
     if not report.passed:
         raise PreflightError(report.line(), report)
     return report
+
+
+@contextlib.contextmanager
+def native_log_held():
+    """Hold what TensorFlow's C++ runtime writes to file descriptor 2 meanwhile: a failed op (an XLA compile
+    of a step that cannot compile) is logged there with its Python creation stack, 25-46 lines, from
+    whichever thread ran it (the pre-flight's helper thread too). Dropped when the block ends in a fastcore
+    error, whose one line says it; written out otherwise."""
+    try:
+        held = tempfile.TemporaryFile()
+    except OSError:   # no usable temp folder: nothing is held
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    keep = True
+    try:
+        yield
+    except FastcoreError:
+        keep = False
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.seek(0)
+        text = held.read() if keep else b""
+        held.close()
+        if text:
+            os.write(2, text)
 
 
 def check(engine, batch, precision: str, warm_up=None) -> PreflightReport:
