@@ -13,14 +13,14 @@ import tempfile
 from fastcore.errors import UsageError
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str | bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # mkstemp creates a fresh name with O_EXCL (never an existing file or link), and rename replaces a link at
     # `path` rather than writing through it.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -5,9 +5,12 @@
                      what would make TensorBoard say "No profile data was found", and how to view them.
   calibrate          measures the machine's peak matmul GFLOP/s per dtype and path again (the figures
                      utilisation is computed against) and rewrites the cache.
+  report RUN         draws the run's loss, metric and throughput curves into RUN/report.png (beside its
+                     summary.json); needs matplotlib: pip install 'fastcore[plot]'.
 
-Exit codes: 0 healthy, 1 a problem found (each printed as PROBLEM with its fix, or the calibration
-failed), 2 bad input (a damaged summary.json, a planted link in the cache folder), 130 / 143 SIGINT / SIGTERM.
+Exit codes: 0 healthy (or drawn), 1 a problem found (each printed as PROBLEM with its fix, or the calibration
+failed), 2 bad input (a damaged or missing summary.json, a planted link in the cache folder, no matplotlib for
+report), 130 / 143 SIGINT / SIGTERM.
 """
 from __future__ import annotations
 
@@ -29,6 +32,16 @@ def calibrate_main(dtypes, paths, out=sys.stdout) -> int:
         dtype, path = name.split("/")
         print(f"  {dtype:9s} {path:6s} {gflops:8,.0f}", file=out)
     print(f"cached in {calibrate.cache_path()}", file=out)
+    return 0
+
+
+def report_main(run_dir: str, out=sys.stdout) -> int:
+    from fastcore.observe import plot
+    if not plot.available():
+        print("fastcore-profile: report draws with matplotlib, which is not installed: pip install 'fastcore[plot]' "
+              "(or pip install matplotlib)", file=sys.stderr)
+        return 2
+    print(f"report: {plot.draw(run_dir)}", file=out)
     return 0
 
 
@@ -60,12 +73,16 @@ def _main(argv: list[str] | None) -> int:
     c = sub.add_parser("calibrate", help="measure the peak matmul GFLOP/s again (per dtype and path) and cache it")
     c.add_argument("--dtype", action="append", choices=("float32", "bfloat16", "float16"))
     c.add_argument("--path", action="append", choices=("xla", "graph"))
+    r = sub.add_parser("report", help="draw the run's loss, metric and throughput curves into RUN/report.png")
+    r.add_argument("run", metavar="RUN", help="a run folder (<logdir>/<run-name>, holding summary.json)")
     args = parser.parse_args(argv)
     quiet.silence_native_logs()
     import logging
     logging.getLogger().setLevel(logging.ERROR)   # the plugin logs INFO lines while it loads
     if args.command == "doctor":
         return doctor(args.logdir)
+    if args.command == "report":
+        return report_main(args.run)
     from fastcore.observe.calibrate import Unavailable
     try:
         return calibrate_main(args.dtype or ["float32", "bfloat16", "float16"], args.path or ["xla", "graph"])

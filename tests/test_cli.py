@@ -33,8 +33,12 @@ def test_a_run_prints_progress_and_writes_its_summary(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""   # no TensorFlow start-up noise, no warnings
     assert "verify (float32, 20 steps): PASS" in result.stdout
-    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
-    assert len(epoch_lines) == 2 and all("eval_binary_accuracy" in line for line in epoch_lines)
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line[:11] for line in epoch_lines] == ["Epoch 1/2  ", "Epoch 2/2  "], result.stdout
+    assert all("4/4" in line and "eval_binary_accuracy" in line for line in epoch_lines)
+    first = result.stdout.splitlines()[0]   # compact: files by name (summary.json keeps their paths)
+    assert first.startswith("higgs: 2,000 train (train[:2000]), 1,000 eval (train[2000:3000]) from HIGGS") and \
+        data_dir not in first, first
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
     for key in ["task", "model_api", "precision", "xla", "steps_per_call", "epochs", "steps", "examples_per_sec",
                 "compile_seconds", "train_loss", "eval", "verify", "traces"]:
@@ -43,7 +47,8 @@ def test_a_run_prints_progress_and_writes_its_summary(data_dir, tmp_path):
     assert summary["traces"] == {"train": 1, "eval": 1}
     assert 0 < summary["eval"]["binary_accuracy"] <= 1 and summary["examples_per_sec"] > 0
     assert not [p for p in (tmp_path / "r1").rglob("*") if p.name.endswith(".tmp")]   # no temp file left
-    assert (tmp_path / "r1" / "summary.json").is_file() and list((tmp_path / "r1").glob("events.out.tfevents.*"))
+    assert (tmp_path / "r1" / "summary.json").is_file()
+    assert all(list((tmp_path / "r1" / run).glob("events.out.tfevents.*")) for run in ("train", "validation"))
 
 
 @pytest.mark.parametrize("args, message", [

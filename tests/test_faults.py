@@ -355,5 +355,5 @@ def test_a_damaged_row_cache_is_rebuilt_with_one_line_and_trains_as_before(data_
     code, again, err = cli(data_dir, tmp_path, "--epochs", "1", "--run-name", "b")
     assert code == 0
     one_line(err, "failed its checksum; rebuilding it from")
-    loss = lambda text: [l for l in text.splitlines() if l.startswith("epoch 1")][0]
+    loss = lambda text: [l[l.index("train_loss"):] for l in text.splitlines() if l.startswith("Epoch 1/")][0]
     assert loss(again) == loss(out)   # the same data as before the damage, not garbage

@@ -113,22 +113,26 @@ def higgs_run(tmp_path_factory, data_dir):
 
 def test_tensorboard_serves_the_runs_scalars(higgs_run):
     board, logdir, _ = higgs_run
-    expected = {"train/loss": CALLS, "train/learning_rate": CALLS, "perf/examples_per_sec": CALLS - 1,
-                "perf/step_time_ms": CALLS - 1, "train/epoch_loss": 3, "train/epoch_binary_accuracy": 3, "eval/loss": 3, "eval/binary_accuracy": 3}
+    epochs = {"epoch_loss": 3, "epoch_binary_accuracy": 3}   # one tag in both runs: one chart each (Keras' layout)
+    expected = {"r1/train": {"batch_loss": CALLS, "learning_rate": CALLS, "perf/examples_per_sec": CALLS - 1,
+                             "perf/step_time_ms": CALLS - 1, **epochs},
+                "r1/validation": epochs}
     tags = board.poll(lambda: board.get("/data/plugin/scalars/tags"),
-                      lambda t: set(expected) <= set(t.get("r1", {})))
-    assert set(tags) == {"r1"} and set(tags["r1"]) == set(expected), tags
-    for tag, points in expected.items():
-        series = board.poll(lambda: board.get("/data/plugin/scalars/scalars", run="r1", tag=tag),
-                            lambda s: len(s) >= points)
-        assert len(series) == points, (tag, series)
-    losses = board.get("/data/plugin/scalars/scalars", run="r1", tag="train/loss")
+                      lambda t: all(set(want) <= set(t.get(run, {})) for run, want in expected.items()))
+    assert {run: set(t) for run, t in tags.items()} == {run: set(want) for run, want in expected.items()}, tags
+    for run, want in expected.items():
+        for tag, points in want.items():
+            series = board.poll(lambda: board.get("/data/plugin/scalars/scalars", run=run, tag=tag),
+                                lambda s: len(s) >= points)
+            assert len(series) == points, (run, tag, series)
+    losses = board.get("/data/plugin/scalars/scalars", run="r1/train", tag="batch_loss")
     assert [step for _, step, _ in losses] == list(range(1, CALLS + 1))   # x axis: the optimizer step
     assert all(0 < value < 10 for _, _, value in losses)
-    (_, _, lr), = board.get("/data/plugin/scalars/scalars", run="r1", tag="train/learning_rate")[:1]
+    (_, _, lr), = board.get("/data/plugin/scalars/scalars", run="r1/train", tag="learning_rate")[:1]
     assert lr == pytest.approx(1e-3)
-    accuracy = board.get("/data/plugin/scalars/scalars", run="r1", tag="eval/binary_accuracy")
-    assert [step for _, step, _ in accuracy] == [4, 8, 12] and all(0 < v <= 1 for _, _, v in accuracy)
+    for run in expected:
+        accuracy = board.get("/data/plugin/scalars/scalars", run=run, tag="epoch_binary_accuracy")
+        assert [step for _, step, _ in accuracy] == [4, 8, 12] and all(0 < v <= 1 for _, _, v in accuracy)
 
 
 def test_profile_plugin_lists_the_trace_with_its_step_markers(higgs_run):
@@ -182,10 +186,10 @@ def test_summary_holds_the_meter_and_the_ledger(higgs_run):
 def test_float16_logs_the_loss_scale_and_summary_every_thins_the_points(data_dir, tmp_path):
     summary, _ = train("higgs", data_dir, train_split="train[:2000]", eval_split="train[2000:3000]", epochs=2,
                        steps_per_call=1, precision="float16", summary_every=3, logdir=str(tmp_path), run_name="f16")
-    _, points = profile.scalar_points(str(tmp_path / "f16"))
+    _, points = profile.scalar_points(str(tmp_path / "f16" / "train"))
     # 8 calls, every 3rd and the last: calls 3, 6, 8; the first call (compile) has no throughput point.
-    assert points["train/loss"] == 3 and points["train/loss_scale"] == 3 and points["perf/examples_per_sec"] == 3
-    assert points["eval/loss"] == 2
+    assert points["batch_loss"] == 3 and points["loss_scale"] == 3 and points["perf/examples_per_sec"] == 3
+    assert profile.scalar_points(str(tmp_path / "f16" / "validation"))[1]["epoch_loss"] == 2
     assert summary["peak"]["dtype"] == "float16" and 0 < summary["utilisation"] <= 1.0
 
 
@@ -279,7 +283,9 @@ def test_doctor_on_a_healthy_logdir(higgs_run):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "tensorboard-plugin-profile" in out and "agree" in out and "PROBLEM" not in out
-    assert "run r1" in out and "scalars: 8 tags" in out and "train/loss (12)" in out
+    assert "run r1\n" in out and "run r1/train" not in out   # its train/ and validation/ are part of it
+    assert "scalars: train/: 6 tags" in out and "batch_loss (12)" in out and "scalars: validation/: 2 tags" in out
+    assert "train/ and validation/ share 2 tag(s) (epoch_binary_accuracy, epoch_loss)" in out
     assert "profile r1/" in out and "steps 2-4" in out and "input_pipeline_analyzer" in out
     assert f"tensorboard --logdir {logdir}" in out and out.rstrip().endswith("healthy")
     assert "offline, the Profile tab's charts stay blank" in out

@@ -100,7 +100,7 @@ def _main(args: argparse.Namespace, where: dict) -> int:
         print(f"fastcore-train: error: {e}", file=sys.stderr)
         return 2
     chief = distribute.is_chief(strategy)
-    print(f"{p.task.name}: {len(p.train.x):,} train ({p.train.source}), {len(p.eval.x):,} eval ({p.eval.source}); "
+    print(f"{p.task.name}: {data_line(p.train, p.eval)}; "
           f"{config.model_api}, {p.trainer.run_mode}, {p.precision.name} ({p.precision.reason}), "
           f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
     print(f"threads: {count or 'all'} intra-op ({threads_why})", flush=True)
@@ -156,6 +156,18 @@ def _main(args: argparse.Namespace, where: dict) -> int:
         print(tensorboard.retrace_warning(summary), file=sys.stderr, flush=True)
     print(f"summary: {path}", flush=True)
     return 0
+
+
+def data_line(train, evaluation) -> str:
+    """`2,000 train (train[:2000]), 1,000 eval (train[2000:3000]) from HIGGS.csv.gz`: files by name, one
+    shared file said once (summary.json keeps the full paths)."""
+    def split(source: str) -> tuple[str, str]:
+        where, _, spec = source.rpartition(" ")
+        return (os.path.basename(where) if os.path.isabs(where) else where), spec
+    (train_from, train_spec), (eval_from, eval_spec) = split(train.source), split(evaluation.source)
+    if train_from == eval_from:
+        return f"{len(train.x):,} train ({train_spec}), {len(evaluation.x):,} eval ({eval_spec}) from {train_from}"
+    return f"{len(train.x):,} train ({train_from} {train_spec}), {len(evaluation.x):,} eval ({eval_from} {eval_spec})"
 
 
 def _newest_checkpoint(folder: str) -> str | None:

@@ -1,4 +1,5 @@
-"""A step whose update is not applied changes no model variable: the non-trainable ones it wrote are put back.
+"""A step whose update is not applied changes no model variable: the non-trainable ones it wrote are put back
+(the engine holds the training metrics' state the same way, so a skipped step is in no metric).
 
 Why. A training-mode forward pass writes some of a model's non-trainable variables itself
 (BatchNormalization's moving statistics, a Dropout layer's RNG state) before the step knows whether its

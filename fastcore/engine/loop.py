@@ -52,6 +52,7 @@ class Loop:
     stop_training: bool = False      # set by a callback: the epoch ends after this call (with its evaluation)
     non_finite_stops: bool = False   # set by a callback: a non-finite step ends the run (not NonFiniteLoss)
     epoch_index: int = 0             # the 0-based number of the epoch in progress (or just ended)
+    applied_before: object = None    # the engine's `applied` when the epoch began (a tensor, read at its end)
 
     def __post_init__(self):
         self.meter = Meter(self.batch_size * self.steps_per_call, self.steps_per_call)
@@ -122,7 +123,6 @@ class Loop:
         self.history.append(logs)
         for cb in self.callbacks:
             cb.on_epoch_end(self, logs)
-
 
     def _train_means(self, calls: list[tuple[dict, tf.Tensor]]) -> dict:
         """Each log's mean over the epoch's applied steps (a call weighs its applied steps; its logs are

@@ -44,12 +44,12 @@ class Path:
 def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, feed) -> Path:
     """The path for a run on `feed` (single batches per element): as asked, or timed (mode="auto")."""
     if mode != "auto" or assembly.strategy is not None:
-        mode = "xla" if mode == "auto" else mode
+        requested, mode = mode, "xla" if mode == "auto" else mode
         # Under XLA a convnet's default K is 1: XLA:CPU runs its K-step loop far slower (module docstring).
         most = 1 if mode == "xla" and assembly.convolutional() else feeding.MAX_STEPS_PER_CALL
         k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying),
                                                   most=most)
-        return Path(mode, k, "requested" if assembly.strategy is None else "auto: XLA under a strategy (not timed)")
+        return Path(mode, k, "requested" if mode == requested else "auto: XLA under a strategy (not timed)")
     k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying))
     precision = Precision(precision_name if precision_name != "auto" else "float32", "timing")
     try:

@@ -15,8 +15,9 @@ from fastcore.observe import flops, tensorboard
 
 
 def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, checkpoints=None, observer=None,
-         warm_up_seconds: float | None = None, distributed: bool = False) -> None:
-    """Fill `summary` from a loop that ran (wholly or until a stop)."""
+         warm_up_seconds: float | None = None, distributed: bool = False, measure_peak: bool = True) -> None:
+    """Fill `summary` from a loop that ran (wholly or until a stop; a stopped run's report uses only a cached
+    peak: measuring one takes seconds, and a scheduler's SIGKILL may follow its SIGTERM)."""
     history = (checkpoints.previous_history if checkpoints else []) + loop.history
     final = history[-1] if history else {}
     summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
@@ -40,7 +41,7 @@ def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, c
     summary.update(flops_per_example(engine, feed, k))
     if "examples_per_sec" in summary:
         summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
-                                               precision, matmul_shapes(engine, feed.batch_size)))
+                                               precision, matmul_shapes(engine, feed.batch_size), measure_peak))
     if observer:
         summary.update(observer.report(engine.ledger, mode, summary))
     else:

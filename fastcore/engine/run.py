@@ -133,8 +133,9 @@ class Run:
             stop.latest_checkpoint = lambda: (checkpoint.on_disk(checkpoint_dir) or [None])[0] if checkpoint_dir else None
             warn = (lambda line: say(f"warning: {line}")) if verbose else (
                 lambda line: warnings.warn(line, RuntimeWarning, stacklevel=2))
+            progress = Progress(out=out, live=verbose != 2) if verbose else None   # 2: epoch lines only, as Keras
             loop, checkpoints, observer = self._loop(start, total, run_dir, checkpoint_dir, identity, say,
-                                                     [*([Progress(out=out)] if verbose else []),
+                                                     [*([progress] if progress else []),
                                                       *([FigureWarnings(warn)] if chief else []), *callbacks])
             agree = getattr(engine, "any_worker", lambda flag: flag)
             loop.should_stop = lambda: agree(stop.received is not None)
@@ -143,7 +144,8 @@ class Run:
                 summary["preflight"] = result.to_json()
                 say(result.line())
             try:
-                loop.run()
+                with progress or contextlib.nullcontext():   # a line redrawn in place ends before any other
+                    loop.run()
             except NonFiniteLoss as e:
                 last = checkpoints.latest if checkpoints else None
                 summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
@@ -163,16 +165,17 @@ class Run:
                 name, code = (stop.name, runguard.EXIT_CODES[stop.received]) if stop.received else (
                     "SIGTERM (on another worker)", runguard.EXIT_CODES[signal.SIGTERM])
                 summary["interrupted"] = {"signal": name, "step": loop.steps_done, "checkpoint": latest}
-                self._fill(summary, loop, checkpoints, observer)
+                self._fill(summary, loop, checkpoints, observer, measure_peak=False)
                 report.write(run_dir, summary, say)
                 raise Interrupted(name, loop.steps_done, latest, code, summary) from None
             self._fill(summary, loop, checkpoints, observer)
             report.write(run_dir, summary, say)
         return FitResult(summary["history"], summary, run_dir)
 
-    def _fill(self, summary, loop, checkpoints, observer) -> None:
+    def _fill(self, summary, loop, checkpoints, observer, measure_peak: bool = True) -> None:
         report.fill(summary, loop, self.engine, self.feed, self.k, self.precision.name, self.mode, checkpoints,
-                    observer, self.warm_up_seconds(), distributed=self.strategy is not None)
+                    observer, self.warm_up_seconds(), distributed=self.strategy is not None,
+                    measure_peak=measure_peak)
 
     def _loop(self, start, total, run_dir, checkpoint_dir, identity, say, extra_callbacks):
         """The loop from step `start` to `total` with its callbacks: TensorBoard (run_dir), checkpoints

@@ -8,7 +8,8 @@ the compiled path and the eager twin alike (they call the very same Python code)
     metrics included (float32/bfloat16: the run stops; float16: every optimizer's loss scaler skips the
     step and lowers its scale); the step's other logs are diagnostics, not checked (a NaN precision on a
     batch without a positive prediction stops nothing);
-  - a call's logs are the means over its applied steps: a skipped step is left out of every figure;
+  - a call's logs are the means over its applied steps (what its steps computed when none was), and the
+    loop weighs a call by them: a skipped step is left out of every epoch figure;
   - float16 loss scaling per optimizer (`ctx.scale(loss, name)`; a step that forgets it is refused);
   - the step counter, the K-step walker (K stacked batches inside one compiled call: a tf.data iterator
     cannot live inside XLA), and the trace ledger that names any retrace.

@@ -166,9 +166,11 @@ def _save(data: dict) -> None:
         pass
 
 
-def rates(entries: list[tuple[str, str, Shape]], refresh: bool = False) -> dict[str, tuple[float, bool]]:
+def rates(entries: list[tuple[str, str, Shape]], refresh: bool = False,
+          measure: bool = True) -> dict[str, tuple[float, bool]]:
     """{entry: (GFLOP/s, from the cache)}; the missing or implausible ones are measured in one child process,
-    under the lock. Raises Unavailable when the measurement fails or is itself implausible."""
+    under the lock. Raises Unavailable when the measurement fails or is itself implausible, or when one is
+    missing and `measure` is False (a run stopped by a signal must end promptly)."""
     for dtype, path, _ in entries:
         if dtype not in DTYPES or path not in PATHS:
             raise ValueError(f"no calibration for {dtype}/{path}: dtypes {DTYPES}, paths {PATHS}")
@@ -182,6 +184,9 @@ def rates(entries: list[tuple[str, str, Shape]], refresh: bool = False) -> dict[
             if isinstance(value, dict) and plausible(value.get("gflops")) and not refresh:
                 out[entry(dtype, path, shape)] = (value["gflops"], True)
         missing = [e for e in entries if entry(*e) not in out]
+        if missing and not measure:
+            raise Unavailable("the machine's peak is not cached and a stopped run does not wait to measure it "
+                              "(python -m fastcore.profile calibrate)")
         if missing:
             measured = _measure_in_child(missing)
             wrong = {name: gflops for name, gflops in measured.items() if not plausible(gflops)}
@@ -210,7 +215,7 @@ def _measure_in_child(entries: list[tuple[str, str, Shape]]) -> dict[str, float]
     return json.loads(lines[-1])
 
 
-def ceiling(dtype: str, step_shapes: list[Shape] = (), refresh: bool = False) -> dict:
+def ceiling(dtype: str, step_shapes: list[Shape] = (), refresh: bool = False, measure: bool = True) -> dict:
     """The dtype's ceiling: the best of both paths on the large shape and the step's largest matmul.
 
     Returns {"gflops", "path", "shape", "cached", "measured"}: where the best rate came from, and every rate.
@@ -219,7 +224,7 @@ def ceiling(dtype: str, step_shapes: list[Shape] = (), refresh: bool = False) ->
     big = [s for s in step_shapes if s[0] * s[1] * s[2] >= MIN_STEP_MACS]
     if big:
         shapes.append(max(big, key=lambda s: s[0] * s[1] * s[2]))
-    measured = rates([(dtype, path, shape) for path in PATHS for shape in shapes], refresh)
+    measured = rates([(dtype, path, shape) for path in PATHS for shape in shapes], refresh, measure)
     best = max(measured, key=lambda name: measured[name][0])
     _, path, shape = best.split("/")
     return {"gflops": round(measured[best][0], 1), "path": path, "shape": shape,

@@ -29,6 +29,7 @@ import types
 from fastcore import atomic
 PROFILE_PLUGIN_DISTS = ("tensorboard", "tensorboard_plugin_profile", "xprof")
 SKIP_DIRS = {"plugins", "checkpoints", "__pycache__"}
+SCALAR_RUNS = ("train", "validation")   # a run's TensorBoard runs, as Keras names them (fastcore.observe.tensorboard)
 
 
 class Report:
@@ -140,25 +141,37 @@ def _context(logdir: str | None):
     return types.SimpleNamespace(logdir=logdir, data_provider=None, flags=flags, multiplexer=None)
 
 
+def _has_events(folder: str) -> bool:
+    return os.path.isdir(folder) and any(".tfevents." in f for f in os.listdir(folder))
+
+
 def find_runs(logdir: str) -> list[str]:
-    """Directories TensorBoard or the profile plugin would show as runs (relative to logdir; '.' for itself)."""
+    """Run directories under logdir (relative to it; '.' for itself): their own train/ and validation/
+    TensorBoard runs count as part of them, not as runs of their own."""
     runs = []
     for folder, dirs, files in os.walk(logdir):
-        has_events = any(".tfevents." in f for f in files)
+        has_events = any(".tfevents." in f for f in files) or any(
+            _has_events(os.path.join(folder, d)) for d in SCALAR_RUNS)
         has_profile = os.path.isdir(os.path.join(folder, "plugins", "profile"))
         if has_events or has_profile or "summary.json" in files:
             runs.append(os.path.relpath(folder, logdir))
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not (has_events and d in SCALAR_RUNS))
     return runs
 
 
-def scalar_points(run_dir: str) -> tuple[int, dict[str, int]]:
-    """(event files, {scalar tag: points}) read with TensorBoard's own event loader."""
+def scalar_runs(run_dir: str) -> dict[str, tuple[int, dict[str, int]]]:
+    """{TensorBoard run ('train', 'validation', or '.' for event files in run_dir itself): scalar_points}."""
+    return {name: scalar_points(os.path.join(run_dir, name)) for name in (".", *SCALAR_RUNS)
+            if _has_events(os.path.join(run_dir, name))}
+
+
+def scalar_points(folder: str) -> tuple[int, dict[str, int]]:
+    """(event files, {scalar tag: points}) in one folder, read with TensorBoard's own event loader."""
     from tensorboard.backend.event_processing import event_file_loader
-    files = sorted(f for f in os.listdir(run_dir) if ".tfevents." in f)
+    files = sorted(f for f in os.listdir(folder) if ".tfevents." in f)
     points: dict[str, int] = {}
     for name in files:
-        for event in event_file_loader.EventFileLoader(os.path.join(run_dir, name)).Load():
+        for event in event_file_loader.EventFileLoader(os.path.join(folder, name)).Load():
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name == "scalars" or value.HasField("simple_value"):
                     points[value.tag] = points.get(value.tag, 0) + 1
@@ -183,17 +196,27 @@ def check_run(r: Report, logdir: str, name: str, plugin_runs: list[str] | None) 
     """Report one run; returns whether it holds a viewable profile trace."""
     run_dir = os.path.normpath(os.path.join(logdir, name))
     r.head(f"run {name}")
-    n_files, points = scalar_points(run_dir)
-    if points:
-        tags = ", ".join(f"{t} ({n})" for t, n in sorted(points.items()))
-        r.ok(f"scalars: {len(points)} tags in {n_files} event file(s): {tags}")
-        if n_files > 1:
-            r.note(f"{n_files} event files: a resumed run, or a reused --run-name (TensorBoard draws them as one "
-                   f"run; delete the run folder or pick a new --run-name to start clean)")
-    elif n_files:
-        r.note(f"{n_files} event file(s) but no scalars yet (a run still starting, or one that crashed before its first call)")
-    else:
-        r.note("no scalars (no event files): a run from before TensorBoard support, or not started yet")
+    found = scalar_runs(run_dir)
+    n_files = sum(files for files, _ in found.values())
+    for sub, (files, points) in found.items():
+        where = "" if sub == "." else f"{sub}/: "
+        if points:
+            tags = ", ".join(f"{t} ({n})" for t, n in sorted(points.items()))
+            r.ok(f"scalars: {where}{len(points)} tags in {files} event file(s): {tags}")
+        if files > 1:
+            r.note(f"{where}{files} event files: a resumed run, or a reused --run-name (TensorBoard draws them as "
+                   f"one run; delete the run folder or pick a new --run-name to start clean)")
+    if {"train", "validation"} <= set(found):
+        shared = sorted(set(found["train"][1]) & set(found["validation"][1]))
+        r.ok(f"train/ and validation/ share {len(shared)} tag(s) ({', '.join(shared)}): TensorBoard draws "
+             f"each pair on one chart")
+    if "." in found:
+        r.note("event files in the run folder itself (written before runs had train/ and validation/): its "
+               "train and eval figures are separate tags there")
+    if not any(points for _, points in found.values()):
+        r.note(f"{n_files} event file(s) but no scalars yet (a run still starting, or one that crashed before its "
+               f"first call)" if n_files else
+               "no scalars (no event files): a run from before TensorBoard support, or not started yet")
     summary_path = os.path.join(run_dir, "summary.json")
     summary = atomic.read_json_object(summary_path, "the run's summary", "delete it, or train again") \
         if os.path.exists(summary_path) else {}

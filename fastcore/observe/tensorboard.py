@@ -1,16 +1,19 @@
 """TensorBoard for every run: scalars, a profiler trace of a window of steps, and the run's utilisation.
 
-Everything lands in the run directory (`<logdir>/<run-name>`), which TensorBoard shows as one run:
-  - event files (`events.out.tfevents.*`): the scalars below;
+Everything lands in the run directory (`<logdir>/<run-name>`), laid out as Keras' TensorBoard callback
+lays it out, so TensorBoard draws the train and validation curves of one figure on one chart:
+  - `train/` and `validation/`: event files (`events.out.tfevents.*`), two runs with the same tag names;
   - `plugins/profile/<session>/<host>.xplane.pb`: the trace of `--profile-steps A:B` (Profile tab).
 
 Scalars, written from tensors the loop already has (no `.numpy()`, so no host sync per step):
-  train/loss              mean loss of the steps in a compiled call, every `--summary-every` calls and the last
-  train/learning_rate     the optimizer's learning rate, same calls
-  train/loss_scale        the dynamic loss scale (float16 only), same calls
-  perf/examples_per_sec   examples of the call / (input wait + call time), every written call but the first
-  perf/step_time_ms       call time / steps per call, same calls (the first holds the trace and compile)
-  train/epoch_loss, eval/loss, eval/<metric>   once per epoch (the values the epoch line prints)
+  train/batch_<log>            each step log's mean over a compiled call (`batch_loss`...), every
+                               `--summary-every` calls and the last
+  train/learning_rate          the optimizer's learning rate, same calls
+  train/loss_scale             the dynamic loss scale (float16 only), same calls
+  train/perf/examples_per_sec  examples of the call / (input wait + call time), every written call but the first
+  train/perf/step_time_ms      call time / steps per call, same calls (the first holds the trace and compile)
+  train/epoch_<name>           once per epoch: the epoch's train_<name> (loss and metrics)
+  validation/epoch_<name>      once per epoch: its eval_<name>, the same tag as the train figure
 The x axis is the optimizer step (`loop.steps_done`), so K-step calls and resumed runs line up.
 
 Steps are counted from 1: `--profile-steps 2:4` traces the compiled calls that run steps 2, 3 and 4
@@ -56,14 +59,14 @@ def check_options(profile_steps: str | None, summary_every: int | None, total_st
 
 
 class Scalars(Callback):
-    """TensorBoard scalars under `run_dir`; see the module docstring for the tags."""
+    """TensorBoard scalars under `run_dir`'s train/ and validation/; see the module docstring for the tags."""
 
     def __init__(self, run_dir: str, every: int = 1):
         self.run_dir, self.every = run_dir, max(1, every)
-        self.writer = None
+        self.writer = self.validation = None
 
     def on_train_begin(self, loop) -> None:
-        self.writer = tf.summary.create_file_writer(self.run_dir)
+        self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "train"))
         self.calls = 0
 
     def on_call_end(self, loop, logs) -> None:
@@ -73,13 +76,13 @@ class Scalars(Callback):
         optimizers = loop.engine.optimizers
         with self.writer.as_default(step=loop.steps_done):
             for name, value in logs.items():
-                tf.summary.scalar(f"train/{name}", value)
+                tf.summary.scalar(f"batch_{name}", value)
             for name, optimizer in optimizers.items():
                 suffix = "" if len(optimizers) == 1 else f"/{name}"
                 if hasattr(optimizer, "learning_rate"):
-                    tf.summary.scalar(f"train/learning_rate{suffix}", tf.convert_to_tensor(optimizer.learning_rate))
+                    tf.summary.scalar(f"learning_rate{suffix}", tf.convert_to_tensor(optimizer.learning_rate))
                 if loop.engine.loss_scaling:
-                    tf.summary.scalar(f"train/loss_scale{suffix}", tf.convert_to_tensor(optimizer.dynamic_scale))
+                    tf.summary.scalar(f"loss_scale{suffix}", tf.convert_to_tensor(optimizer.dynamic_scale))
             if index > 0:   # the first call of a run traces and compiles
                 meter = loop.meter
                 compute, wait = meter.last_compute, meter.last_wait   # host timings of this call, no sync
@@ -87,17 +90,21 @@ class Scalars(Callback):
                 tf.summary.scalar("perf/step_time_ms", 1000 * compute / meter.steps_per_call)
 
     def on_epoch_end(self, loop, logs: dict) -> None:
-        with self.writer.as_default(step=loop.steps_done):
-            for key, value in logs.items():
-                if key.startswith("train_"):
-                    tf.summary.scalar(f"train/epoch_{key[len('train_'):]}", value)
-                elif key.startswith("eval_"):
-                    tf.summary.scalar(f"eval/{key[len('eval_'):]}", value)
-        self.writer.flush()   # TensorBoard sees each epoch as it ends
+        if self.validation is None and any(key.startswith("eval_") for key in logs):   # no empty run without eval
+            self.validation = tf.summary.create_file_writer(os.path.join(self.run_dir, "validation"))
+        for prefix, writer in (("train_", self.writer), ("eval_", self.validation)):
+            if writer is None:
+                continue
+            with writer.as_default(step=loop.steps_done):
+                for key, value in logs.items():
+                    if key.startswith(prefix):
+                        tf.summary.scalar(f"epoch_{key[len(prefix):]}", value)
+            writer.flush()   # TensorBoard sees each epoch as it ends
 
     def on_train_end(self, loop) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in (self.writer, self.validation):
+            if writer is not None:
+                writer.close()
 
 
 def profile_sessions(run_dir: str) -> list[str]:
@@ -205,13 +212,13 @@ class Observer:
 
 
 def utilisation(flops_per_example: float | None, examples_per_sec: float, dtype: str,
-                step_shapes: list = ()) -> dict:
+                step_shapes: list = (), measure: bool = True) -> dict:
     """Achieved FLOP/s against the machine's ceiling for the run's dtype (fastcore.observe.calibrate):
     never above 100%; a run that beats the ceiling says the ceiling was measured low."""
     if not flops_per_example:
         return {}
     try:
-        top = calibrate.ceiling(dtype, list(step_shapes))
+        top = calibrate.ceiling(dtype, list(step_shapes), measure=measure)
     except (calibrate.Unavailable, UsageError) as e:   # no trustworthy ceiling: no figure rather than a wrong one
         return {"utilisation_left_out": str(e)}
     achieved = flops_per_example * examples_per_sec / 1e9
