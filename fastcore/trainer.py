@@ -34,23 +34,20 @@ class Trainer:
     """Trains your model(s) with compiled steps, checked against their eager twin.
 
     Args:
-      model: a Keras model (any API), a tf.Module, or a zero-argument factory returning one; or a dict
-        of named ones (several models, e.g. {"gen": ..., "disc": ...}), or one factory returning such a dict.
-        Factories are called under the run's Keras dtype policy, which is what lets `precision` other than
-        float32 (and auto) work; `training=` and `.losses` are used when the model has them.
+      model: a Keras model (any API), a tf.Module, or a factory returning one (called under the run's dtype
+        policy: what precisions other than float32 need); or a dict of named ones ({"gen": ..., "disc": ...}),
+        or a factory returning such a dict. `training=` and `.losses` are used when the model has them.
       optimizer: a Keras optimizer or any object with `apply_gradients`; or a dict of them, each named
         after the model it updates. float16 wraps Keras optimizers in LossScaleOptimizer.
       loss, metrics, loss_weights, weighted_metrics: as Keras' compile takes them (names, functions, Keras
         objects; per output name for a model with several); fastcore writes the step. Data elements are
         (x, y) or (x, y, sample_weight).
-      step: instead of `loss`, your step function `step(batch, ctx) -> fastcore.Update`; see StepContext;
-        or phases, [(critic_step, 3), generator_step]: updates applied in turn within one step.
-        It is traced by tf.function without AutoGraph (as Keras 3 traces its train step): write
-        data-dependent branches with tf.cond / tf.where.
+      step: instead of `loss`, `step(batch, ctx) -> fastcore.Update` (see StepContext), or phases
+        [(critic_step, 3), generator_step] applied in turn; traced without AutoGraph, as Keras 3 traces its
+        train step (data-dependent branches: tf.cond / tf.where).
       eval_step: with `step`, optional `eval_step(batch, ctx) -> {name: per-example values}`.
-      precision: float32 | bfloat16 | float16 | auto (auto needs model factories to time both). Under
-        mode="xla", auto may run bfloat16 as a plain graph when that step is measured faster (oneDNN's
-        AMX matmuls, which XLA:CPU lacks); `run_mode` and the summary's "mode" say which ran.
+      precision: float32 | bfloat16 | float16 | auto (needs model factories to time both; may run bfloat16 as
+        a plain graph where oneDNN's matmuls beat XLA's: `run_mode` and the summary's "mode" say which ran).
       mode: auto (default: XLA and a plain graph, each with one and with K steps per call, timed on the
         run's first batches, the fastest kept; see fastcore.engine.pathchoice) | xla
         (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
@@ -58,11 +55,9 @@ class Trainer:
         dividing the epoch; 1 for a convnet under mode="xla").
       seed: for fastcore's data order, `ctx.seed()` and the weights of factory-built models.
       preflight: compare compiled and eager on the first batch before training (default True).
-      strategy: a tf.distribute.Strategy (default None: one device, the path without any distribution
-        code). fastcore builds the models from their factories and re-creates each Keras optimizer from
-        its config under `strategy.scope()` (an optimizer made outside the scope trains each replica
-        apart, silently); each replica takes its slice of the global batch; `verify` becomes the
-        distributed twin. See fastcore.distribute and fastcore.engine.distributed.
+      strategy: a tf.distribute.Strategy (default None: one device, no distribution code). Models are built
+        from their factories and each Keras optimizer re-created from its config under `strategy.scope()`
+        (one made outside trains each replica apart, silently); `verify` becomes the distributed twin.
       max_shapes: how many batch shapes the step may be compiled for (data padded per batch).
     """
 
@@ -127,9 +122,6 @@ class Trainer:
                                            self.assembly.optimizers(self.precision, distributed=True), distributed=True)
         return self.engine
 
-    def _steps_per_call(self, feed: feeding.Feed) -> int:
-        return self._path_for(feed).steps_per_call
-
     def _path_for(self, feed: feeding.Feed) -> pathchoice.Path:
         """The compiled path and K for feed's batch size: as asked, or timed once on its first batches."""
         if feed.batch_size not in self._paths:
@@ -148,7 +140,7 @@ class Trainer:
                                          steps_per_epoch=steps_per_epoch, source=source, sample_weight=sample_weight)
         probe = make(1)
         input_checks.features(probe.dataset.element_spec, self.mode, "training")
-        k = self._steps_per_call(probe)
+        k = self._path_for(probe).steps_per_call
         return probe if k == 1 else make(k)
 
     def preflight(self, first_call) -> preflight.PreflightReport:
@@ -178,7 +170,7 @@ class Trainer:
         engine = self.build(feed)
         if engine.mode == "eager":
             raise UsageError("verify compares the compiled step with the eager one: use mode='xla' or 'graph'")
-        self._k = self._steps_per_call(feed)
+        self._k = self._path_for(feed).steps_per_call
         return verifying.twin_of(engine, self.assembly, list(feed.dataset.take(math.ceil(steps / self._k))),
                                  self.precision, self._k)
 
@@ -186,8 +178,7 @@ class Trainer:
             callbacks: Sequence[Callback] = (), validation_data=None, validation_batch_size: int | None = None,
             validation_steps: int | None = None, steps_per_epoch: int | None = None, steps: int | None = None,
             run_dir: str | None = None, checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
-            resume: bool = False,
-            profile_steps: str | None = None, summary_every: int | None = None,
+            resume: bool = False, profile_steps: str | None = None, summary_every: int | None = None,
             deterministic: bool = False, sample_weight=None, class_weight=None) -> FitResult:
         """Train; Keras' arguments plus fastcore's few. Returns FitResult(history, summary, run_dir).
 
@@ -198,20 +189,17 @@ class Trainer:
         run_dir: where TensorBoard scalars, the profile trace, checkpoints and summary.json go (None: no
           files). checkpoint_dir defaults to <run_dir>/checkpoints; checkpoint_every in steps (default: an
           epoch); resume continues from its latest checkpoint. profile_steps "A:B" traces steps A..B.
-        Steps are the optimizer's, counted over every fit of this Trainer: a second fit trains `epochs` more
-          (as Keras) and ckpt-N holds step N; with resume, epochs/steps are the whole run's length from its
-          first step, so a run already that long is complete.
-        deterministic: TensorFlow op determinism (a resumed run then ends bit-identical).
-        A run directory is locked while fit runs (a second fit on it is refused). SIGINT/SIGTERM stop after
-        the compiled call in flight with a checkpoint and raise Interrupted.
+        Steps are the optimizer's, over every fit of this Trainer: a second fit trains `epochs` more (as Keras),
+          ckpt-N holds step N; with resume, epochs/steps count from the run's first step.
+        deterministic: TensorFlow op determinism (a resumed run then ends bit-identical). The run directory
+        is locked while fit runs; SIGINT/SIGTERM stop after the call in flight with a checkpoint (Interrupted).
         Raises UsageError/DataError for bad input, PreflightError, NonFiniteError (with .summary),
         CheckpointMismatch, Interrupted; all with one-line messages. `run()` takes every option as a record.
         """
         options = FitOptions(epochs=epochs, steps=steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                              validation_batch_size=validation_batch_size, validation_steps=validation_steps,
                              run_dir=run_dir, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                             resume=resume,
-                             profile_steps=profile_steps, summary_every=summary_every,
+                             resume=resume, profile_steps=profile_steps, summary_every=summary_every,
                              deterministic=deterministic, verbose=verbose)
         return self.run(x, y, options, validation_data=validation_data, callbacks=callbacks,
                         sample_weight=sample_weight, class_weight=class_weight)
@@ -224,22 +212,16 @@ class Trainer:
         x, sample_weight = sample_weights.with_class_weight(x, y, sample_weight, class_weight)
         feed = self.feed(x, y, batch_size=options.batch_size, steps_per_epoch=options.steps_per_epoch,
                          source=options.train_source, sample_weight=sample_weight)
-        self._k = self._steps_per_call(feed)
+        self._k = self._path_for(feed).steps_per_call
         if self.assembly.loss is not None:
             loss_steps.unpack(feed.dataset.element_spec)   # the same check as each step's, before the first one
         engine = self.build(feed, resume_from=options.checkpoint_folder if options.resume else None)
-        run = Run(engine, feed, self._k, self.precision, self.run_mode, options, self.path.reason, strategy=self.strategy,
-                  identity_records=(self.options,))
-        engine.ledger.varying_shapes = bool(feed.varying)
-        if self.assembly.loss is not None:
-            loss_steps.check(engine, feed.dataset.element_spec, stacked=self._k > 1)
-            input_checks.training_labels(engine, feed)
+        run = Run(engine, feed, self._k, self.precision, self.run_mode, options, self.path.reason,
+                  strategy=self.strategy, identity_records=(self.options,))
+        run.evaluation = input_checks.before_training(engine, feed, self._k, validation_data, options,
+                                                      self.run_mode, fastcore_loss=self.assembly.loss is not None)
         epochs = options.epochs if options.steps is None else -(-options.steps // feed.steps_per_epoch)
         callbacks = keras_callbacks.adapt(callbacks, engine, epochs=epochs, steps_per_epoch=feed.steps_per_epoch)
-        if validation_data is not None:
-            if engine.eval_fn is None:
-                raise UsageError("validation_data needs an eval_step (a step function has no default evaluation)")
-            run.evaluation = input_checks.validation(engine, validation_data, options, self.run_mode)
         if self.options.preflight and self.run_mode != "eager":
             run.preflight = self.preflight
         run.warm_up_seconds = lambda: self.warm_up_seconds

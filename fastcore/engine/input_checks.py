@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
-from fastcore.engine import feeding
+from fastcore.engine import feeding, loss_step
 from fastcore.engine.loss_step import unpack
 from fastcore.engine.metrics import create_variables
 from fastcore.engine.outputs import labels_per_output, line_up
@@ -40,6 +40,22 @@ def features(spec, mode: str, what: str) -> None:
         if kind:
             raise UsageError(f"the {what} data's element {path} is a {kind} tensor, which XLA cannot compile: "
                              f"{_XLA_REFUSES[kind]}, or train with mode='graph'")
+
+
+def before_training(engine, feed: feeding.Feed, k: int, validation_data, options, mode: str, *,
+                    fastcore_loss: bool) -> tf.data.Dataset | None:
+    """Everything fit checks once the step is built and before its first call: the step fastcore writes
+    for loss= (traced on the data's spec) and its labels, and the validation data (returned as evaluation
+    batches, or None)."""
+    engine.ledger.varying_shapes = bool(feed.varying)
+    if fastcore_loss:
+        loss_step.check(engine, feed.dataset.element_spec, stacked=k > 1)
+        training_labels(engine, feed)
+    if validation_data is None:
+        return None
+    if engine.eval_fn is None:
+        raise UsageError("validation_data needs an eval_step (a step function has no default evaluation)")
+    return validation(engine, validation_data, options, mode)
 
 
 def training_labels(engine, feed: feeding.Feed) -> None:

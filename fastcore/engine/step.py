@@ -181,11 +181,15 @@ class TraceLedger:
             self.arg_names[name] = tuple(names)
 
     def counts(self) -> dict[str, int]:
-        return {name: len(sigs) for name, sigs in self.signatures.items()}
+        """Traces per function, the training call first (the evaluation call may be traced before it)."""
+        return {name: len(self.signatures[name]) for name in self._ordered()}
 
     def shapes(self) -> dict[str, int]:
         """How many input signatures (shapes) each function was compiled for."""
-        return {name: len(set(sigs)) for name, sigs in self.signatures.items()}
+        return {name: len(set(self.signatures[name])) for name in self._ordered()}
+
+    def _ordered(self) -> list[str]:
+        return sorted(self.signatures, key=lambda name: (name != "train", list(self.signatures).index(name)))
 
     def retraces(self) -> list[str]:
         """One line per trace after a function's first: which arguments changed from the trace before."""
