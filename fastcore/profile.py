@@ -1,4 +1,4 @@
-"""`python -m fastcore.profile`: the doctor and the calibration, from the command line.
+"""`python -m fastcore.profile`: the doctor, the calibration and the report, from the command line.
 
   doctor [LOGDIR]    (default: profiles) checks that TensorBoard and the profile plugin import and
                      agree, lists the runs under LOGDIR with their scalars and profile traces, explains

@@ -7,11 +7,13 @@ import io
 import os
 import pty
 import re
+import select
 import struct
 import subprocess
 import sys
 import termios
 import threading
+import types
 
 import keras
 import numpy as np
@@ -98,6 +100,48 @@ def test_a_terminal_gets_one_line_redrawn_in_place():
     assert "\x1b[K" in text   # each redraw clears what a longer line left
     kept = [line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n")]
     assert [line[:14] for line in kept if line.startswith("Epoch")] == ["Epoch 1/2  8/8", "Epoch 2/2  8/8"]
+
+
+def test_a_narrow_terminal_keeps_the_figures_and_a_stopped_run_ends_the_line():
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))   # 60 columns
+    terminal = os.fdopen(follower, "w")
+    meter = types.SimpleNamespace(steady_calls=0, last_wait=0.001, last_compute=0.009)
+    loop = types.SimpleNamespace(total_steps=200, steps_per_epoch=100, steps_per_call=10, batch_size=50, meter=meter,
+                                 steps_done=0, epoch_index=0, ending_epoch=False, engine=types.SimpleNamespace(step_fn=None))
+    now = [0.0]
+    with progress.Progress(terminal, clock=lambda: now[0]) as shown:
+        shown.on_train_begin(loop)
+        for calls in (1, 2, 3):   # the first compiles; then two steady calls of 10 steps in 10 ms
+            now[0] += 1.0
+            loop.steps_done, meter.steady_calls = 10 * calls, calls - 1
+            shown.on_call_end(loop, {"loss": 0.25})
+        # the run stops here (a signal): leaving the `with`, the redrawn line is ended
+    text = b""
+    while select.select([leader], [], [], 1.0)[0]:
+        text += os.read(leader, 4096)
+    terminal.close()
+    os.close(leader)
+    text = text.decode()
+    last = text.split("\r")[-2]   # the last redraw (then "\r\n" of the ended line)
+    # 59 columns: the bar and then whole trailing fields are left out (`loss 0.2500` would make 65)
+    assert last == "Epoch 1/2  30/100  ETA 0s  50,000 ex/s  1.00 ms/step\x1b[K", repr(text)
+    assert text.endswith("\x1b[K\r\n")
+
+
+def test_verbose_2_keeps_to_the_epoch_lines():
+    out, now = io.StringIO(), [0.0]
+    meter = types.SimpleNamespace(steady_calls=0, last_wait=0.0, last_compute=0.01)
+    loop = types.SimpleNamespace(total_steps=20, steps_per_epoch=20, steps_per_call=10, batch_size=50, meter=meter,
+                                 steps_done=0, epoch_index=0, ending_epoch=False, engine=types.SimpleNamespace(step_fn=None))
+    shown = progress.Progress(out, live=False, clock=lambda: now[0])
+    shown.on_train_begin(loop)
+    for calls in (1, 2):
+        now[0] += 60.0   # long past any interval
+        loop.steps_done, meter.steady_calls, loop.ending_epoch = 10 * calls, calls - 1, calls == 2
+        shown.on_call_end(loop, {"loss": 0.5})
+    shown.on_epoch_end(loop, {"epoch": 1.0, "steps": 20, "train_loss": 0.5})
+    assert out.getvalue() == "Epoch 1/1  20/20  2m00s  50,000 ex/s  1.00 ms/step  train_loss 0.5000\n"
 
 
 def _drain(fd: int, chunks: list) -> None:

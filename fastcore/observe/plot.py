@@ -31,8 +31,9 @@ def available() -> bool:
 def read_summary(run_dir: str) -> dict:
     path = os.path.join(run_dir, "summary.json")
     if not os.path.isfile(path):
-        raise UsageError(f"{run_dir!r} holds no summary.json: pass a run folder (<logdir>/<run-name>, "
-                         f"e.g. profiles/<run>) of a run that has ended")
+        found = "holds no summary.json" if os.path.isdir(run_dir) else "is not a folder"
+        raise UsageError(f"{run_dir!r} {found}: pass a run folder (<logdir>/<run-name>, e.g. profiles/<run>) "
+                         f"of a run that has ended")
     return atomic.read_json_object(path, "the run's summary", "delete it, or train again")
 
 
@@ -82,7 +83,7 @@ def draw(run_dir: str) -> str:
     _finish(metric_ax, "metrics", "no metrics (pass metrics= to the Trainer)")
     if "perf/examples_per_sec" in calls:
         x, y = zip(*calls["perf/examples_per_sec"])
-        rate_ax.plot(x, y, color="C0", marker=".", linewidth=1, label="each call")
+        rate_ax.plot(x, y, color="C0", marker="." if len(x) <= 60 else None, linewidth=1, label="each call")
     if summary.get("examples_per_sec"):
         rate_ax.axhline(summary["examples_per_sec"], color="C1", linestyle="--",
                         label=f"steady {summary['examples_per_sec']:,.0f}")

@@ -1,6 +1,7 @@
 """Progress as Keras' `fit` shows it: `Epoch N/M`, the step within the epoch, ETA, the current rate, the metrics.
 
-On a terminal one line is redrawn in place (carriage return) at most every TTY_INTERVAL seconds; elsewhere
+On a terminal one line is redrawn in place (carriage return) at most every TTY_INTERVAL seconds, cut to the
+terminal's width (a wrapped line cannot be redrawn): the bar goes first, then whole trailing fields; elsewhere
 (a log file, CI) a plain line is printed every NON_TTY_INTERVAL seconds. Each epoch ends with a permanent
 line: its step count, wall time (evaluation included), the current rate and every train and eval figure.
 The loop reports at compiled-call ends only: with one call per epoch, the terminal line appears when the
@@ -81,9 +82,12 @@ class Progress(Callback):
             self.rate.add(now, loop.steps_per_call, meter.last_wait + meter.last_compute)
         self.steady = meter.steady_calls
         if self.tty and (loop.ending_epoch or now - self.last_line >= self.interval):
-            self._show(self._line(loop, logs, bar=True))
+            parts, bar = self._parts(loop, logs)
+            width = _columns(self.out) - 1   # a wrapped line would not redraw in place
+            with_bar = "  ".join([parts[0], f"{parts[1]} {bar}", *parts[2:]])
+            self._show(with_bar if len(with_bar) <= width else _fit(parts, width))
         elif not self.tty and not loop.ending_epoch and now - self.last_line >= self.interval:
-            self._show(self._line(loop, logs, bar=False))
+            self._show("  ".join(self._parts(loop, logs)[0]))
         else:
             return
         self.last_line = now
@@ -107,13 +111,13 @@ class Progress(Callback):
             self.out.flush()
             self.drawn = False
 
-    def _line(self, loop, logs, bar: bool) -> str:
+    def _parts(self, loop, logs) -> tuple[list[str], str]:
+        """The line's fields and the bar a terminal shows after the first two when it has room."""
         per_epoch = loop.steps_per_epoch
         done = min(loop.steps_done - loop.epoch_index * per_epoch, per_epoch)
         parts = [f"Epoch {loop.epoch_index + 1}/{self.epochs}", f"{done}/{per_epoch}"]
-        if bar:
-            filled = BAR * done // per_epoch
-            parts[-1] += " [" + ("=" * filled + (">" if filled < BAR else "")).ljust(BAR) + "]"
+        filled = BAR * done // per_epoch
+        bar = "[" + ("=" * filled + (">" if filled < BAR else "")).ljust(BAR) + "]"
         step = self.rate.step_seconds()
         if step is not None:
             parts.append(f"ETA {duration(step * (per_epoch - done))}")
@@ -123,7 +127,7 @@ class Progress(Callback):
         if metrics:
             figures.update(metrics.result())
         parts += [figure(k, v) for k, v in figures.items()]
-        return "  ".join(parts)
+        return parts, bar
 
     def _rate(self, loop) -> list[str]:
         step = self.rate.step_seconds()
@@ -133,12 +137,21 @@ class Progress(Callback):
 
     def _show(self, line: str, keep: bool = False) -> None:
         if self.tty:
-            width = _columns(self.out) - 1   # a wrapped line would not redraw in place
-            self.out.write("\r" + (line if keep else line[:width]) + "\x1b[K" + ("\n" if keep else ""))
+            self.out.write("\r" + line + "\x1b[K" + ("\n" if keep else ""))
             self.drawn = not keep
         else:
             self.out.write(line + "\n")
         self.out.flush()
+
+
+def _fit(parts: list[str], width: int) -> str:
+    """The leading fields that fit in `width` (never half a figure)."""
+    line = parts[0]
+    for part in parts[1:]:
+        if len(line) + 2 + len(part) > width:
+            break
+        line += "  " + part
+    return line[:width]
 
 
 def _columns(stream) -> int:
