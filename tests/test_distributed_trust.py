@@ -21,6 +21,19 @@ from fastcore.engine import runguard
 SOAK_STEPS = 3000   # batch 10 of the line task's 1,000 rows: 100 steps an epoch, one compiled call a step
 
 
+RUNNING: list = []   # launchers started by a test; whatever one leaves running is killed after it
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    yield
+    while RUNNING:
+        proc = RUNNING.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class Run:
     """A launcher subprocess whose output is read as it comes; `workers` are its children."""
 
@@ -29,6 +42,7 @@ class Run:
                    "--no-preflight", "--threads", "all", *args, "--data-dir", data_dir, "--logdir", str(logdir)]
         self.proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+        RUNNING.append(self.proc)
         self.out, self.err, self.step = [], [], 0
         for pipe, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
             threading.Thread(target=self._read, args=(pipe, sink), daemon=True).start()
@@ -36,9 +50,10 @@ class Run:
     def _read(self, pipe, sink):
         for line in pipe:
             sink.append(line.rstrip("\n"))
-            found = re.search(r"\[worker 0\] epoch \d+\s+steps (\d+)", line)
+            found = re.search(r"\[worker 0\] Epoch (\d+)/\d+\s+(\d+)/(\d+)", line)   # Epoch N/M  n/per-epoch
             if found:
-                self.step = int(found.group(1))
+                epoch, done, per_epoch = map(int, found.groups())
+                self.step = (epoch - 1) * per_epoch + done
 
     def workers(self):
         with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
@@ -80,6 +95,7 @@ def soak(data_dir, tmp_path_factory):
     run = Run(data_dir, tmp / "logs", "--dataset", "line", "--batch-size", "10", "--steps-per-call", "1", "--epochs",
               str(SOAK_STEPS // 100), "--checkpoint-every", "100", "--run-name", "r", env={"TMPDIR": str(tmp / "tmp")})
     run.tmp, run.samples, run.folders = tmp / "tmp", [], []
+    RUNNING.remove(run.proc)   # the soak outlives each test that reads it: this fixture ends it
 
     def sample():
         while run.proc.poll() is None:
