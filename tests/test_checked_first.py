@@ -298,3 +298,17 @@ def test_validation_steps_is_honoured():
     seen = 3 * B   # the first three batches, each example once
     expected = float(np.mean((trainer.models["model"](x[:seen]).numpy() - y[:seen]) ** 2))
     assert result.history[-1]["eval_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_unknown_length_validation_set_is_counted_once_and_one_that_never_ends_is_refused(capfd, monkeypatch):
+    from fastcore.engine import feeding
+    x, y = regression(100)
+    unknown = tf.data.Dataset.from_tensor_slices((x, y)).batch(B).filter(lambda *element: True)   # filter: TensorFlow cannot know the length
+    assert int(unknown.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    evaluation = feeding.eval_batches(unknown, batch_size=None, what="validation")
+    weights = sum(float(tf.reduce_sum(w)) for _, w in evaluation)
+    assert weights == len(x)   # every example once, the last batch of 4 padded
+    monkeypatch.setattr(feeding, "COUNT_SECONDS", 0.5)
+    endless = tf.data.Dataset.from_generator(lambda: iter(int, 1), output_signature=tf.TensorSpec((), tf.int64))
+    endless = endless.map(lambda _: (x[:B], y[:B]))
+    refused(capfd, "had not ended", lambda: feeding.eval_batches(endless, batch_size=None, what="validation"))

@@ -107,12 +107,13 @@ def test_choose_prefers_the_first_listed_path_on_a_near_tie(monkeypatch):
     assert (path.mode, path.steps_per_call) == ("graph", 1)
 
 
-def test_a_convnet_on_a_cpu_times_the_plain_graph_only_and_says_why():
+def test_a_convnet_on_a_cpu_is_not_timed_as_looped_xla_and_says_why():
     def conv():
         return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
                                  keras.layers.Dense(1)])
     x, y = rng.normal(size=(256, 8, 8, 1)).astype("float32"), rng.normal(size=(256, 1)).astype("float32")
     trainer = fastcore.Trainer(conv, keras.optimizers.SGD(0.01), loss="mse")
     result = trainer.fit(x, y, batch_size=32, epochs=1, verbose=False)
-    assert set(trainer.path.rates) == {"graph/1", "graph/K"}
-    assert result.summary["mode"] == "graph" and "XLA not timed" in result.summary["mode_reason"]
+    assert set(trainer.path.rates) == {"xla/1", "graph/1", "graph/K"}
+    assert "XLA with K steps per call not timed" in result.summary["mode_reason"]
+    assert result.summary["steps_per_call"] == 1 or result.summary["mode"] == "graph"

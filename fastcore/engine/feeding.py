@@ -16,6 +16,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -263,12 +264,30 @@ def eval_batches(data, y=None, *, batch_size: int | None, sample_weight=None, st
     return batches if steps is None else batches.take(steps)
 
 
+COUNT_SECONDS = 60.0   # how long an evaluation dataset of unknown length may take to be counted
+
+
+def _count_batches(ds: tf.data.Dataset, what: str) -> int:
+    """The batches of a dataset of unknown length (files, buckets, filters: Keras takes those), counted once
+    before the first step; one that has not ended within COUNT_SECONDS is refused: it may never end."""
+    deadline, count = time.perf_counter() + COUNT_SECONDS, 0
+    for _ in ds:
+        count += 1
+        if time.perf_counter() > deadline:
+            raise UsageError(f"the {what} dataset, of unknown length, had not ended after {count:,} batches "
+                             f"({COUNT_SECONDS:g} s): give a step count (fit's validation_steps), or end it")
+    return count
+
+
 def _padded_dataset(ds: tf.data.Dataset, batch_size: int | None, counted: bool, what: str) -> tf.data.Dataset:
     cardinality = int(ds.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY and not counted:
         raise UsageError(f"the {what} dataset is endless (.repeat() without a count): its evaluation would never "
                          f"end; give a step count (fit's validation_steps: batches per evaluation), or drop the "
                          f".repeat()")
+    if cardinality == tf.data.UNKNOWN_CARDINALITY and not counted:
+        cardinality = _count_batches(ds, what)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(cardinality))
     if cardinality == 0:
         raise UsageError(f"the {what} dataset holds no batches")
     dim = check_shapes(ds.element_spec, what)

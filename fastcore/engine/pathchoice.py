@@ -9,7 +9,7 @@ GPU XLA is expected to win; the same timing decides there (not measurable on the
 So the candidates (XLA and a plain graph, each with one and with K steps per call) are each compiled and
 timed on the run's first real batches, calls interleaved so a neighbour's load hits all alike, within a
 time budget; the fastest is kept and the figures are cached per machine, model, batch and precision.
-A convolutional model on a machine without a GPU is timed as a plain graph only (_xla_cpu_convolutions).
+A convolutional model on a machine without a GPU is not timed as XLA with K steps (_xla_cpu_convolutions).
 Each candidate trains with fresh optimizers, on fresh models from a factory or on the run's own models
 (passed built), whose weights are put back afterwards.
 """
@@ -53,25 +53,25 @@ def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, f
         return Path(mode, k, "requested" if mode == requested else "auto: XLA under a strategy (not timed)")
     k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying))
     precision = Precision(precision_name if precision_name != "auto" else "float32", "timing")
-    modes = ("graph",) if _xla_cpu_convolutions(assembly) else ("xla", "graph")
+    looped_xla = not _xla_cpu_convolutions(assembly)
     try:
         threads = tf.config.threading.get_intra_op_parallelism_threads()   # 0: TensorFlow's default, all
         key = f"{_describe(assembly, feed)}/b{feed.batch_size}/k{k}/{precision.name}/threads{threads}"
-        path = choose(assembly, precision, lambda n: list(feed.dataset.take(n)), feed.batch_size, k, key, modes)
+        path = choose(assembly, precision, lambda n: list(feed.dataset.take(n)), feed.batch_size, k, key, looped_xla)
     except Exception as e:   # the run's own step raises it again, where fastcore reports it in one line
-        return Path(modes[0], k, f"auto: {modes[0]}, {k} step(s) per call, not timed (the step raised "
-                                 f"{type(e).__name__})")
-    if modes == ("graph",):
-        return dataclasses.replace(path, reason=path.reason + "; XLA not timed: on a CPU it ran convolutional "
-                                                              "models at 0.02-0.31x a plain graph (BENCHMARKS.md)")
+        return Path("xla", k if looped_xla else 1, f"auto: xla, not timed (the step raised {type(e).__name__})")
+    if not looped_xla:
+        return dataclasses.replace(path, reason=path.reason + "; XLA with K steps per call not timed: on a CPU "
+                                                              "it ran a convnet at 0.02x a plain graph (BENCHMARKS.md)")
     return path
 
 
 def _xla_cpu_convolutions(assembly) -> bool:
     """A convolutional model on a machine without a GPU. XLA:CPU lowers convolution gradients inside the
-    K-step loop to element-at-a-time kernels (its canonicalization pass skips loop bodies) and max-pooling's
-    gradient to a scatter: the BN convnet ran 0.02x a plain graph at K=4 and 0.15-0.31x at K=1, and its XLA
-    compiles took 27-72 s, too long to time on every first run."""
+    K-step loop to element-at-a-time kernels (its canonicalization pass skips loop bodies): the BN convnet
+    ran 0.02x a plain graph at K=4, and that compile took 72 s, too long to time on every first run. One
+    step per call is timed: there it varies by model (the BN convnet 0.33x a graph, an Embedding + Conv1D
+    text model 1.1x)."""
     return assembly.convolutional() and not tf.config.list_physical_devices("GPU")
 
 
@@ -86,10 +86,13 @@ def _describe(assembly, feed) -> str:
 
 
 def choose(assembly, precision: Precision, batches: Callable[[int], list], batch_size: int, k: int,
-           key: str, modes: tuple[str, ...] = ("xla", "graph")) -> Path:
-    """The fastest path for this model among `modes`: cached under `key`, else timed on the first batches."""
-    options = {f"{mode}/{n}": (mode, steps) for mode in modes
-               for n, steps in (("1", 1), ("K", k)) if n == "1" or k > 1}
+           key: str, looped_xla: bool = True) -> Path:
+    """The fastest path for this model: cached under `key`, else timed on the run's first batches.
+    `looped_xla`: whether XLA with K steps per call is a candidate."""
+    options = {"xla/1": ("xla", 1), "graph/1": ("graph", 1)}
+    if k > 1:
+        options.update({"xla/K": ("xla", k)} if looped_xla else {})
+        options["graph/K"] = ("graph", k)
     rates = calibrate.cached(f"path/{key}")
     source = "measured before on this machine"
     if not _plausible(rates, options):
