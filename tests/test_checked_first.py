@@ -312,3 +312,13 @@ def test_an_unknown_length_validation_set_is_counted_once_and_one_that_never_end
     endless = tf.data.Dataset.from_generator(lambda: iter(int, 1), output_signature=tf.TensorSpec((), tf.int64))
     endless = endless.map(lambda _: (x[:B], y[:B]))
     refused(capfd, "had not ended", lambda: feeding.eval_batches(endless, batch_size=None, what="validation"))
+
+
+@pytest.mark.parametrize("k", [None, 1])   # in the first call (the pre-flight's warm-up runs it), or in the loop
+def test_a_label_out_of_range_in_a_later_batch_is_one_data_error_line(capfd, k):
+    x, y = classes()
+    y = y.copy()
+    y[-1] = 7   # the last batch only: the first-batch check passes, the step refuses it in graph mode
+    trainer = classifier(mode="graph", steps_per_call=k)
+    refused(capfd, "outside the valid range", lambda: trainer.fit(batches(x, y), epochs=1, verbose=False),
+            exception=fastcore.DataError)

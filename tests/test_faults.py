@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from conftest import ROOT
+from helpers import one_line
 from fastcore.train import run_cli
 
 SMALL = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:2500]",
@@ -23,19 +25,8 @@ SMALL = ["--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", 
 
 
 def cli(data_dir, logdir, *extra):
-    """(exit code, stdout, stderr lines) of an in-process CLI run."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_cli([*SMALL, "--data-dir", data_dir, "--logdir", str(logdir), *extra])
-    return code, out.getvalue(), [line for line in err.getvalue().splitlines() if line.strip()]
-
-
-def one_line(err, *expected):
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    for text in expected:
-        assert text in err[0], err[0]
-    return err[0]
+    """(exit code, stdout, stderr lines) of an in-process CLI run of the small task."""
+    return helpers.cli(*SMALL, "--data-dir", data_dir, "--logdir", str(logdir), *extra)
 
 
 def checkpoints(run_dir):

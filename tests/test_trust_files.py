@@ -1,8 +1,6 @@
 """Shared files, caches and every CLI exit path: no planted link is followed, a run stays inside --logdir,
 a cached figure is checked before use (no absurd figure printed), summary.json is strict JSON, and a
 signal anywhere ends the command with one line and 130 / 143."""
-import contextlib
-import io
 import json
 import math
 import os
@@ -15,6 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from helpers import cli, one_line
 from fastcore import atomic
 from fastcore.cli import plan as planning, threads
 from fastcore.cli.args import parser
@@ -22,26 +21,11 @@ from fastcore.cli.session import config_from_args
 from fastcore.engine import runguard
 from fastcore.errors import UsageError
 from fastcore.observe import calibrate, tensorboard
-from fastcore.train import run_cli
 
 LINE = ["--dataset", "line", "--precision", "float32"]
 MNIST = ["--dataset", "mnist", "--train-split", "test[:256]", "--eval-split", "test[256:512]", "--precision", "float32"]
 
 
-def cli(*argv):
-    """(exit code, stdout, stderr lines) of an in-process CLI run."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_cli(list(argv))
-    return code, out.getvalue(), [line for line in err.getvalue().splitlines() if line.strip()]
-
-
-def one_line(err, *expected):
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    for text in expected:
-        assert text in err[0], err[0]
-    return err[0]
 
 
 def strict(path):

@@ -29,7 +29,7 @@ from fastcore import atomic, distribute
 from fastcore.callbacks import Callback
 from fastcore.engine import checkpoint, feeding, report, runguard
 from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
-from fastcore.errors import Interrupted, NonFiniteError, PeerLost, UsageError
+from fastcore.errors import DataError, Interrupted, NonFiniteError, PeerLost, UsageError
 from fastcore.observe import tensorboard
 from fastcore.observe.progress import Progress
 from fastcore.options import FitOptions, identity_fields
@@ -140,7 +140,10 @@ class Run:
             agree = getattr(engine, "any_worker", lambda flag: flag)
             loop.should_stop = lambda: agree(stop.received is not None)
             if self.preflight and not (o.resume and checkpoint.on_disk(checkpoint_dir or "")):
-                result = self.preflight(next(iter(feed.dataset.take(1))))
+                try:
+                    result = self.preflight(next(iter(feed.dataset.take(1))))
+                except tf.errors.InvalidArgumentError as e:   # its warm-up ran the first call's batches
+                    raise DataError(f"a batch of the first call was refused by TensorFlow: {_what_is_wrong(e)}") from None
                 summary["preflight"] = result.to_json()
                 say(result.line())
             try:
@@ -153,6 +156,9 @@ class Run:
                 raise NonFiniteError(e.step, last, summary) from None
             except tf.errors.OpError as e:
                 if self.strategy is None or not isinstance(e, distribute.PEER_FAULTS):
+                    if isinstance(e, tf.errors.InvalidArgumentError):   # a later batch the step cannot take
+                        raise DataError(f"a batch after step {loop.steps_done} was refused by TensorFlow: "
+                                        f"{_what_is_wrong(e)}") from None
                     raise
                 raise PeerLost(distribute.first_line(e), loop.steps_done, checkpoints.latest if checkpoints else None) from None
             except StopRequested:
@@ -267,3 +273,12 @@ def _inside(folder: str, parent: str | None) -> bool:
         return False
     folder, parent = os.path.abspath(folder), os.path.abspath(parent)
     return folder == parent or folder.startswith(parent + os.sep)
+
+
+def _what_is_wrong(error: tf.errors.OpError) -> str:
+    """TensorFlow's own sentence (the line before its `[[{{node ...}}]]` op trace), without the node
+    prefix, the Python stack it may print first, or the values it lists."""
+    lines = [line.strip() for line in (error.message or "").splitlines() if line.strip()]
+    ends = [i for i, line in enumerate(lines) if line.startswith("[[")]
+    line = lines[ends[0] - 1] if ends and ends[0] > 0 else (lines[0] if lines else type(error).__name__)
+    return line.split("}} ", 1)[-1].split("  Label values:")[0].strip()
