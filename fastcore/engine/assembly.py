@@ -41,7 +41,7 @@ class Assembly:
         self.loss_weights, self.weighted_metrics = loss_weights, named_metrics(weighted_metrics)
         self.step_fn, self.eval_fn = step, eval_step
         self.seed, self.strategy, self.max_shapes = seed, strategy, max_shapes
-        self._convolutional: bool | None = None
+        self._probe: dict | None = None   # the models as built once in float32 to be looked at
         if strategy is not None:
             check_distributable(strategy, self.model_specs, self.optimizer_specs, mode)
 
@@ -77,15 +77,23 @@ class Assembly:
                                  f"example batch, or give keras.Input) before training")
         return built
 
+    def probe_models(self) -> dict:
+        """The models to look at (not train): factories built once, in float32, and kept; built ones as given."""
+        if self._probe is None:
+            self._probe = self.models(Precision("float32", "probe")) if self.factories else self.model_specs
+        return self._probe
+
     def convolutional(self) -> bool:
-        """Whether any model has a convolution layer (factories are built once, in float32, to look)."""
-        if self._convolutional is None:
-            models = self.models(Precision("float32", "probe")) if self.factories else self.model_specs
-            layers = [layer for m in models.values() if hasattr(m, "_flatten_layers")
-                      for layer in m._flatten_layers(include_self=False)]
-            self._convolutional = any(kind.__name__.startswith(("Conv", "BaseConv", "BaseDepthwiseConv", "BaseSeparableConv"))
-                                      for layer in layers for kind in type(layer).__mro__)
-        return self._convolutional
+        """Whether any model has a convolution layer."""
+        layers = [layer for m in self.probe_models().values() if hasattr(m, "_flatten_layers")
+                  for layer in m._flatten_layers(include_self=False)]
+        return any(kind.__name__.startswith(("Conv", "BaseConv", "BaseDepthwiseConv", "BaseSeparableConv"))
+                   for layer in layers for kind in type(layer).__mro__)
+
+    def describe(self) -> str:
+        """The models' kinds and variable shapes: what a cached timing of their step is keyed by."""
+        return ";".join(f"{n}:{type(m).__name__}:" + ",".join(str(v.shape) for v in getattr(m, "trainable_variables", ()))
+                        for n, m in self.probe_models().items())
 
     def check_policy(self, models: dict, precision: Precision) -> None:
         """A model passed built must have been built under `precision`'s dtype policy (a factory is built so)."""

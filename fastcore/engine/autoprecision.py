@@ -100,13 +100,11 @@ def _choose(name, mode, assembly, first_call, batch_size, k, built) -> Precision
     if not assembly.factories or built:
         return Precision("float32", "auto: the model was passed built, so it cannot be rebuilt in bfloat16 to "
                                     "time both; pass a factory (a function returning the model) to let auto choose")
-    key_models = assembly.models(Precision("float32", "key"))
-    if any(m is again for m, again in zip(key_models.values(), assembly.models(Precision("float32", "key")).values())):
+    again = assembly.models(Precision("float32", "key"))
+    if any(m is other for m, other in zip(assembly.probe_models().values(), again.values())):
         return Precision("float32", "auto: the model factory returns the same model each time (lambda: model), so "
                                     "it cannot be rebuilt in bfloat16 to time both; pass a function that builds a new one")
-    shapes = ";".join(f"{n}:{type(m).__name__}:" + ",".join(str(v.shape) for v in m.trainable_variables)
-                      for n, m in key_models.items())
-    key = f"step/{shapes}/b{batch_size}/k{k}/{mode}"
+    key = f"step/{assembly.describe()}/b{batch_size}/k{k}/{mode}"
     candidates = ("float32", "bfloat16") + ((GRAPH_BF16,) if graph_bf16 else ())
 
     def measure() -> dict[str, float]:

@@ -77,12 +77,9 @@ def _xla_cpu_convolutions(assembly) -> bool:
 
 def _describe(assembly, feed) -> str:
     """What the step's speed depends on: the models' layers and shapes, the step, the batch's spec."""
-    models = assembly.models(Precision("float32", "key"))
-    shapes = ";".join(f"{n}:{type(m).__name__}:" + ",".join(str(v.shape) for v in getattr(m, "trainable_variables", ()))
-                      for n, m in models.items())
     step = getattr(assembly.step_fn, "__qualname__", type(assembly.step_fn).__name__)
     spec = ",".join(f"{s.dtype.name}{s.shape}" for s in tf.nest.flatten(feed.dataset.element_spec))
-    return f"{shapes}/{step}/{spec}"
+    return f"{assembly.describe()}/{step}/{spec}"
 
 
 def choose(assembly, precision: Precision, batches: Callable[[int], list], batch_size: int, k: int,
