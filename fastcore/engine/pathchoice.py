@@ -70,8 +70,8 @@ def _xla_cpu_convolutions(assembly) -> bool:
     """A convolutional model on a machine without a GPU. XLA:CPU lowers convolution gradients inside the
     K-step loop to element-at-a-time kernels (its canonicalization pass skips loop bodies): the BN convnet
     ran 0.02x a plain graph at K=4, and that compile took 72 s, too long to time on every first run. One
-    step per call is timed: there it varies by model (the BN convnet 0.33x a graph, an Embedding + Conv1D
-    text model 1.1x)."""
+    step per call is timed: there it varies by model (in auto's own timing, the BN convnet 0.30x a graph,
+    an Embedding + Conv1D text model 1.06x)."""
     return assembly.convolutional() and not tf.config.list_physical_devices("GPU")
 
 
