@@ -26,12 +26,14 @@ def calibrate_main(dtypes, paths, out=sys.stdout) -> int:
     from fastcore.observe import calibrate
     size = calibrate.LARGE
     print(f"matmul GFLOP/s on {calibrate.machine_key()} ({size}^3, {calibrate.threads()} threads, "
-          f"best of {calibrate.MIN_REPS}+ reps):", file=out, flush=True)
+          f"fastest of {calibrate.LEAST}-{calibrate.MOST} interleaved rounds):", file=out, flush=True)
     measured = calibrate.peaks([(dtype, path) for path in paths for dtype in dtypes], refresh=True)
-    for name, (gflops, _) in measured.items():
+    for name, rate in measured.items():
         dtype, path = name.split("/")
-        print(f"  {dtype:9s} {path:6s} {gflops:8,.0f}", file=out)
-    print(f"cached in {calibrate.cache_path()}", file=out)
+        print(f"  {dtype:9s} {path:6s} {rate.gflops:8,.0f}", file=out)
+    noise = next((rate.noise for rate in measured.values() if rate.noise), None)
+    print(f"noisy ({noise}), not cached: run it again on a quieter machine" if noise
+          else f"cached in {calibrate.cache_path()}", file=out)
     return 0
 
 

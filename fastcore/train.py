@@ -13,6 +13,7 @@ import sys
 from fastcore.cli import quiet
 from fastcore.cli.args import parser
 from fastcore.engine import runguard
+from fastcore.observe import phases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +32,10 @@ def run_cli(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:   # --help (0) or a malformed command line (2, already explained)
         return e.code
-    from fastcore.cli import session   # imports TensorFlow: after the arguments are known to be well-formed
-    return session.main(args)
+    with phases.speaking(sys.stdout):   # every slow phase is announced, from the first second
+        with phases.phase(f"{args.task}: starting TensorFlow", delay=0):   # the first line, in about 0.3 s
+            from fastcore.cli import session   # imports TensorFlow: after the arguments are known to be well-formed
+        return session.main(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ This class is a facade: each call checks its arguments and hands plain values to
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,7 @@ from fastcore.engine.precision import Precision
 from fastcore.engine.run import FitResult, Run, engine_identity
 from fastcore.engine.step import Engine
 from fastcore.errors import PreflightError, UsageError
+from fastcore.observe import phases
 from fastcore.options import FitOptions, TrainerOptions
 
 __all__ = ["Trainer", "FitResult"]
@@ -114,19 +116,29 @@ class Trainer:
         recorded = checkpoint.recorded_precision(resume_from) if resume_from else None
         self.path = self._path_for(feed)
         k = self.path.steps_per_call
-        self.precision = autoprecision.decide(self.options.precision, self.path.mode, self.assembly,
-                                              lambda: next(iter(feed.dataset.take(1))), feed.batch_size, k,
-                                              built=self._built_models is not None, recorded=recorded)
+        with phases.phase("precision auto: timing the step in float32 and bfloat16"):   # said only if slow
+            self.precision = autoprecision.decide(self.options.precision, self.path.mode, self.assembly,
+                                                  lambda: next(iter(feed.dataset.take(1))), feed.batch_size, k,
+                                                  built=self._built_models is not None, recorded=recorded)
         self.assembly.check_policy(self.models, self.precision)
         self.engine = self.assembly.engine(self.precision, self.run_mode, feed.batch_size, self.models,
                                            self.assembly.optimizers(self.precision, distributed=True), distributed=True)
         return self.engine
 
+    def _rechecks(self, feed: feeding.Feed) -> tuple:
+        """Checks of the cached auto decisions (path, precision) against the run's own steady step."""
+        path, precision = self.path, self.precision
+        key = autoprecision.cache_key(self.assembly, feed.batch_size, self._k, path.mode)
+        return (lambda summary: pathchoice.recheck(path, summary),
+                *([lambda summary: autoprecision.recheck(precision, key, summary)]
+                  if self.options.precision == "auto" and self.assembly.factories else []))
+
     def _path_for(self, feed: feeding.Feed) -> pathchoice.Path:
         """The compiled path and K for feed's batch size: as asked, or timed once on its first batches."""
         if feed.batch_size not in self._paths:
-            self._paths[feed.batch_size] = pathchoice.resolve(self.mode, self.options.steps_per_call,
-                                                              self.options.precision, self.assembly, feed)
+            with phases.phase("compiled path auto: timing XLA and graph steps"):   # said only if slow
+                self._paths[feed.batch_size] = pathchoice.resolve(self.mode, self.options.steps_per_call,
+                                                                  self.options.precision, self.assembly, feed)
         return self._paths[feed.batch_size]
 
     def feed(self, x, y=None, *, batch_size: int | None = None, steps_per_epoch: int | None = None,
@@ -208,6 +220,10 @@ class Trainer:
             callbacks: Sequence[Callback] = (), sample_weight=None, class_weight=None) -> FitResult:
         """fit() with its options as one record (fastcore.options.FitOptions), including the caller's
         summary head, identity extras and output stream; the CLI trains through this."""
+        with phases.speaking(options.out) if options.verbose else contextlib.nullcontext():   # slow phases said
+            return self._run(x, y, options, validation_data, callbacks, sample_weight, class_weight)
+
+    def _run(self, x, y, options, validation_data, callbacks, sample_weight, class_weight) -> FitResult:
         self.warm_up_seconds = None
         x, sample_weight = sample_weights.with_class_weight(x, y, sample_weight, class_weight)
         feed = self.feed(x, y, batch_size=options.batch_size, steps_per_epoch=options.steps_per_epoch,
@@ -225,6 +241,7 @@ class Trainer:
         if self.options.preflight and self.run_mode != "eager":
             run.preflight = self.preflight
         run.warm_up_seconds = lambda: self.warm_up_seconds
+        run.rechecks = self._rechecks(feed)
         return run.fit(callbacks)
 
     # -- Keras' evaluate and predict ----------------------------------------------------------------------

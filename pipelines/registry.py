@@ -7,6 +7,7 @@ from pipelines.errors import DataError
 from pipelines.splits import split_name
 
 DATASETS = ('line', 'sine', 'mnist', 'fashion_mnist', 'higgs')
+FILE_DATASETS = ('mnist', 'fashion_mnist', 'higgs')   # read from a folder, else from tfds; the others are generated
 
 
 def load(dataset: str, split: str, data_dir: str | None = None, seed: int = 0) -> Arrays:

@@ -27,3 +27,11 @@ def data_dir() -> str:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Parsed-data caches go to a per-session temp folder, never the user's ~/.cache."""
     monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def quiet_timing(monkeypatch):
+    """No neighbour: every timing of an auto decision is judged quiet (fastcore.observe.timing), so cached."""
+    from fastcore.observe import timing
+    monkeypatch.setattr(timing, "SPREAD", float("inf"))
+    monkeypatch.setattr(timing, "BUSY", float("inf"))

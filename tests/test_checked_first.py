@@ -322,3 +322,43 @@ def test_a_label_out_of_range_in_a_later_batch_is_one_data_error_line(capfd, k):
     trainer = classifier(mode="graph", steps_per_call=k)
     refused(capfd, "outside the valid range", lambda: trainer.fit(batches(x, y), epochs=1, verbose=False),
             exception=fastcore.DataError)
+
+
+@pytest.mark.parametrize("k", [None, 1])   # the third batch inside the first call of K, or a call of its own
+def test_a_label_out_of_range_in_a_later_batch_under_xla_is_one_data_error_line_naming_step_and_label(capfd, k):
+    x, y = classes()
+    y = y.copy()
+    y[2 * B + 5] = 7   # the third batch: the first-batch check passes; XLA's loss for it is NaN, not an error
+    trainer = classifier(steps_per_call=k)
+    refused(capfd, "a batch at step 3 has label 7, outside the loss's classes [0, 3)",
+            lambda: trainer.fit(batches(x, y), epochs=1, verbose=False), exception=fastcore.DataError)
+    assert int(trainer.engine.applied.numpy()) == 2   # the guard applied nothing from the bad batch on
+
+
+def test_a_nan_under_xla_with_every_label_in_range_is_still_the_guards_stop(capfd):
+    x, y = classes()
+    x = x.copy()
+    x[2 * B + 5] = np.inf   # the third batch's loss is NaN; its labels are fine
+    trainer = classifier(steps_per_call=1)
+    refused(capfd, "was NaN/Inf at step 3", lambda: trainer.fit(batches(x, y), epochs=1, verbose=False),
+            exception=fastcore.NonFiniteError)
+
+
+def test_a_label_the_loss_cannot_take_in_a_later_cli_batch_is_refused_before_training(tmp_path):
+    """The CLI's data is checked whole as it loads (so no bad label reaches its guard): exit 2, one line."""
+    import gzip
+    import struct
+    from helpers import cli, one_line
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    labels = bytearray((np.arange(64) % 10).astype(np.uint8))
+    labels[40] = 12   # the third batch of 16
+    idx = lambda magic, dims, payload: struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in dims) + payload
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx(2051, [64, 28, 28], bytes(64 * 28 * 28))))
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx(2049, [64], bytes(labels))))
+    code, out, err = cli("--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--train-split", "test[:48]",
+                         "--eval-split", "test[48:]", "--batch-size", "16", "--precision", "float32", "--threads", "1",
+                         "--logdir", str(tmp_path / "logs"), "--run-name", "r")
+    assert code == 2
+    one_line(err, "test[:48]: label 12 outside 0..9")
+    assert not (tmp_path / "logs" / "r" / "checkpoints").exists()

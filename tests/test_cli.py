@@ -36,7 +36,9 @@ def test_a_run_prints_progress_and_writes_its_summary(data_dir, tmp_path):
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
     assert [line[:11] for line in epoch_lines] == ["Epoch 1/2  ", "Epoch 2/2  "], result.stdout
     assert all("4/4" in line and "eval_binary_accuracy" in line for line in epoch_lines)
-    first = result.stdout.splitlines()[0]   # compact: files by name (summary.json keeps their paths)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "higgs: starting TensorFlow ..."   # said at once; its time follows when the import ends
+    first = next(line for line in lines if " train (" in line)   # compact: files by name (summary.json: paths)
     assert first.startswith("higgs: 2,000 train (train[:2000]), 1,000 eval (train[2000:3000]) from HIGGS") and \
         data_dir not in first, first
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())

@@ -64,7 +64,7 @@ def test_float16_skips_the_bad_step_counts_it_and_goes_on(data_dir, tmp_path):
 
 def test_the_cli_says_it_in_one_line_with_exit_code_3(data_dir, tmp_path, capsys, monkeypatch):
     p = poisoned_plan(data_dir, tmp_path, "float32")
-    monkeypatch.setattr(session.planning, "plan", lambda config, strategy=None: p)
+    monkeypatch.setattr(session.planning, "plan", lambda config, strategy=None, data=None: p)
     args = session.argparse.Namespace(task="higgs", resume=False)
     assert session.main(args) == 3
     err = capsys.readouterr().err.strip().splitlines()

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import fastcore
 from fastcore.engine import pathchoice
+from fastcore.engine.precision import Precision
 from fastcore.observe import calibrate
 
 rng = np.random.default_rng(0)
@@ -31,32 +32,33 @@ def test_auto_times_every_candidate_keeps_the_fastest_and_records_why(tmp_path):
     assert all(v > 0 for v in rates.values())
     chosen = f"{trainer.path.mode}/{'1' if trainer.path.steps_per_call == 1 else 'K'}"
     assert rates[chosen] * pathchoice.TIE >= max(rates.values())
+    assert trainer.path.reason.startswith(f"auto: {trainer.path.mode}, {trainer.path.steps_per_call} step(s) per call; ")
     assert trainer.run_mode == trainer.path.mode == result.summary["mode"]
     assert result.summary["steps_per_call"] == trainer.path.steps_per_call
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["mode_reason"].startswith("auto: ") and "ex/s" in on_disk["mode_reason"]
 
 
-def test_a_second_trainer_on_the_same_model_reuses_the_cached_timing():
+def test_a_second_trainer_on_the_same_model_reuses_the_cached_timing(quiet_timing):
     first = fastcore.Trainer(mlp, keras.optimizers.Adam(1e-3), loss=bce())
     first.feed(X, Y, batch_size=64)
     again = fastcore.Trainer(mlp, keras.optimizers.Adam(1e-3), loss=bce())
     again.feed(X, Y, batch_size=64)
-    assert "measured now" in first._paths[64].reason
-    assert "measured before on this machine" in again._paths[64].reason
+    assert "(timed now in " in first._paths[64].reason
+    assert again._paths[64].reason.endswith("(cached)")
     assert again._paths[64].rates == first._paths[64].rates
 
 
 @pytest.mark.parametrize("cached", [{"xla/1": 0, "graph/1": 5.0}, {"xla/1": float("nan"), "graph/1": 1.0},
                                     {"xla/1": 1.0}, "junk"])
-def test_an_implausible_cached_timing_is_measured_again(cached):
+def test_an_implausible_cached_timing_is_measured_again(cached, quiet_timing):
     trainer = fastcore.Trainer(mlp, keras.optimizers.SGD(0.01), loss=bce())
     feed = trainer.feed(X, Y, batch_size=512)   # one step per epoch: K = 1, two candidates
     key = next(k for k in calibrate._load()[calibrate.machine_key()] if k.startswith("path/") and "/b512/" in k)
     calibrate.store(key, cached)
     again = fastcore.Trainer(mlp, keras.optimizers.SGD(0.01), loss=bce())
     again.feed(X, Y, batch_size=512)
-    assert "measured now" in again._paths[512].reason
+    assert "timed now" in again._paths[512].reason
     assert set(again._paths[512].rates) == {"xla/1", "graph/1"} and feed.batch_size == 512
 
 
@@ -75,7 +77,7 @@ def test_timing_leaves_a_built_model_and_a_step_closure_state_as_they_were():
 
     trainer = fastcore.Trainer(model, keras.optimizers.Adam(1e-2), step=step)
     trainer.feed(tf.data.Dataset.from_tensor_slices((X, Y)).batch(32, drop_remainder=True))
-    assert "measured now" in trainer._paths[32].reason
+    assert "timed now" in trainer._paths[32].reason
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.variables))
     assert np.array_equal(seed_before, seeds.state.numpy())
 
@@ -100,10 +102,10 @@ def test_preflight_and_verify_check_the_path_auto_chose():
 def test_choose_prefers_the_first_listed_path_on_a_near_tie(monkeypatch):
     rates = {"xla/1": 100.0, "graph/1": 101.0, "xla/K": 100.5, "graph/K": 50.0}
     monkeypatch.setattr(calibrate, "cached", lambda name: rates)
-    path = pathchoice.choose(None, None, None, 32, 8, "key")
+    path = pathchoice.choose(None, Precision("float32", "timing"), None, 32, 8, "key")
     assert (path.mode, path.steps_per_call) == ("xla", 8)
     rates["graph/1"] = 200.0
-    path = pathchoice.choose(None, None, None, 32, 8, "key")
+    path = pathchoice.choose(None, Precision("float32", "timing"), None, 32, 8, "key")
     assert (path.mode, path.steps_per_call) == ("graph", 1)
 
 

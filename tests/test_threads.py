@@ -31,8 +31,11 @@ def test_auto_times_the_step_both_ways_and_applies_the_faster(data_dir, tmp_path
     chosen = 1 if one > every * 1.05 else None
     assert line.startswith(f"threads: {chosen or 'all'} intra-op (auto: ") and "the step timed now" in line, line
     assert summary["intra_op_threads"] == (1 if chosen else len(os.sched_getaffinity(0)))
-    again, _ = run(data_dir, tmp_path / "b")   # the same configuration: the answer is cached
-    assert "the step timed earlier (cached)" in again and again.split(" (")[0] == line.split(" (")[0]
+    again, _ = run(data_dir, tmp_path / "b")   # the same configuration: the answer is cached, unless noisy
+    if "noisy, not cached" in line:
+        assert "the step timed now" in again, again
+    else:
+        assert "the step timed earlier (cached)" in again and again.split(" (")[0] == line.split(" (")[0]
 
 
 def test_a_given_count_is_used(data_dir, tmp_path):

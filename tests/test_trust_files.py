@@ -167,8 +167,8 @@ def test_an_implausible_cached_peak_is_measured_again(cache, monkeypatch, bad):
         calibrate.machine_key(), LARGE, bad, calibrate.entry("float32", "graph", (calibrate.LARGE,) * 3), bad)
     write_cache(cache, {}, raw)
     asked = []
-    monkeypatch.setattr(calibrate, "_measure_in_child", lambda entries: asked.append(entries) or {
-        calibrate.entry(*e): 50.0 for e in entries})
+    monkeypatch.setattr(calibrate, "_measure_in_child", lambda entries: asked.append(entries) or calibrate.Measured(
+        {calibrate.entry(*e): 50.0 for e in entries}, None))
     top = calibrate.ceiling("float32")
     assert len(asked) == 1 and top["gflops"] == 50.0 and not top["cached"]
     assert os.stat(cache / "calibration.json.lock").st_mode & 0o077 == 0
@@ -179,7 +179,8 @@ def test_an_implausible_cached_peak_is_measured_again(cache, monkeypatch, bad):
 
 
 def test_an_implausible_fresh_measurement_leaves_utilisation_out_with_a_reason(cache, monkeypatch):
-    monkeypatch.setattr(calibrate, "_measure_in_child", lambda entries: {calibrate.entry(*e): 1e30 for e in entries})
+    monkeypatch.setattr(calibrate, "_measure_in_child", lambda entries: calibrate.Measured(
+        {calibrate.entry(*e): 1e30 for e in entries}, None))
     with pytest.raises(calibrate.Unavailable, match="outside what"):
         calibrate.ceiling("float32")
     out = tensorboard.utilisation(1e6, 1000.0, "float32")
@@ -189,7 +190,8 @@ def test_an_implausible_fresh_measurement_leaves_utilisation_out_with_a_reason(c
 
 def test_a_run_whose_ceiling_is_implausible_prints_no_utilisation_figure(tmp_path, cache, monkeypatch):
     write_cache(cache, {LARGE: {"gflops": -5}})
-    monkeypatch.setattr(calibrate, "_measure_in_child", lambda entries: {calibrate.entry(*e): 0.0 for e in entries})
+    monkeypatch.setattr(calibrate, "_measure_in_child", lambda entries: calibrate.Measured(
+        {calibrate.entry(*e): 0.0 for e in entries}, None))
     code, out, err = cli(*LINE, "--epochs", "6", "--steps-per-call", "1", "--logdir", str(tmp_path), "--run-name", "r")
     assert code == 0 and not err, err
     assert "utilisation: left out (the " in out and "GFLOP/s peak" not in out and "utilisation -" not in out
@@ -204,7 +206,7 @@ def test_an_implausible_cached_thread_timing_is_timed_again(cache, monkeypatch, 
     calibrate.store(threads.cache_key(config), bad)
     timed = []
     monkeypatch.setattr(threads, "_time_in_child", lambda count, fields, scratch: timed.append(count) or
-                        (1e-5 if count == 1 else 2e-5))
+                        ((1e-5, 1e-5) if count == 1 else (2e-5, 2e-5)))
     count, why = threads.choose(config)
     assert timed == [1, 0] and count == 1
     assert why == "100,000 examples/s on 1 thread, 50,000 on all, the step timed now"

@@ -33,6 +33,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def task_table(tasks: dict) -> str:
+    """The built-in tasks' defaults, for --help (each can be changed by its flag)."""
+    rows = [f"  {'task':<14} {'model (hidden units)':<22} {'batch':>6} {'epochs':>6} {'lr':>7} {'K':>4}  optimizer"]
+    for t in tasks.values():
+        hidden = "x".join(str(h) for h in t.model.hidden) or "linear"
+        rows.append(f"  {t.name:<14} {'MLP ' + hidden:<22} {str(t.batch_size or 'full'):>6} {t.epochs:>6} "
+                    f"{t.learning_rate:>7g} {t.steps_per_call:>4}  {t.optimizer}")
+    return "task defaults (K: steps per compiled call, rounded to divide an epoch):\n" + "\n".join(rows) + "\n\n"
+
+
 def _threads(value: str) -> str:
     if value in ("auto", "all") or (value.isdigit() and int(value) > 0):
         return value
@@ -46,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog="fastcore-train", description="Train a built-in task with XLA-compiled steps "
                                 "fed by a streaming tf.data pipeline, checked against the eager twin.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=task_table(TASKS) + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", "--task", dest="task", required=True, choices=list(TASKS), metavar="NAME",
                    help=f"what to train: {', '.join(TASKS)}")
     p.add_argument("--data-dir", help="folder with local data files (default: $FASTCORE_DATA_DIR, else download with tfds)")
@@ -104,8 +114,9 @@ def parser() -> argparse.ArgumentParser:
                    "uninterrupted one")
     p.add_argument("--threads", default="auto", type=_threads, metavar="auto|all|N",
                    help="intra-op threads: auto times the run's own step on one thread and on all (in two child "
-                   "processes, a few seconds, cached per machine and configuration) and keeps the faster; small "
-                   "steps such as MNIST at batch 32 run faster on one (default: %(default)s)")
+                   "processes: measured 26 s on a machine's first run, 10-20 s for a new configuration, 0 once "
+                   "cached per machine and configuration) and keeps the faster; small steps such as MNIST at batch "
+                   "32 run faster on one (default: %(default)s)")
     p.add_argument("--strategy", choices=("none", "mirrored", "multi-worker"), default="none",
                    help="tf.distribute strategy: none (one device), mirrored (the devices of this machine: its "
                    "GPUs, or --devices N logical CPU devices), multi-worker (the workers of $TF_CONFIG; "

@@ -14,7 +14,7 @@ from fastcore import atomic, tasks
 from fastcore.engine.precision import Precision
 from fastcore.errors import UsageError
 from fastcore.options import IDENTITY
-from fastcore.observe import tensorboard
+from fastcore.observe import phases, tensorboard
 from fastcore.tasks.specs import MODEL_APIS, Regularization
 from fastcore.engine.feeding import largest_divisor_at_most
 from fastcore.trainer import Trainer
@@ -79,11 +79,15 @@ class Plan:
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.config.logdir, self.config.run_name or default_run_name(self.config))
+        return run_dir(self.config)
 
     @property
     def checkpoint_dir(self) -> str:
         return self.config.checkpoint_dir or os.path.join(self.run_dir, "checkpoints")
+
+
+def run_dir(config: RunConfig) -> str:
+    return os.path.join(config.logdir, config.run_name or default_run_name(config))
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -91,12 +95,12 @@ def default_run_name(config: RunConfig) -> str:
     return f"{config.task}-{config.model_api}-{config.mode}-{config.precision}{spread}-seed{config.seed}"
 
 
-def plan(config: RunConfig, strategy=None) -> Plan:
-    """Check the flags, load the data, make and build the Trainer; raises UsageError or DataError.
-    `strategy`: the tf.distribute strategy for `config.strategy` (made first: devices are set before any op)."""
+def plan(config: RunConfig, strategy=None, data: tuple | None = None) -> Plan:
+    """Check the flags, load the data (unless `data`, load_data's pair, is given), make and build the Trainer;
+    raises UsageError or DataError. `strategy`: the tf.distribute strategy for `config.strategy` (made first:
+    devices are set before any op)."""
     task = check(config)
-    train = pipelines.load(task.dataset, config.train_split or task.train_split, config.data_dir, config.seed)
-    evaluation = pipelines.load(task.dataset, config.eval_split or task.eval_split, config.data_dir, config.seed)
+    train, evaluation = data or load_data(config)
     batch_size = config.batch_size or task.batch_size or len(train.x)
     if batch_size > len(train.x):
         raise UsageError(f"--batch-size {batch_size} is larger than the {len(train.x)} training examples: "
@@ -124,6 +128,22 @@ def plan(config: RunConfig, strategy=None) -> Plan:
     return p
 
 
+def load_data(config: RunConfig) -> tuple[pipelines.Arrays, pipelines.Arrays]:
+    """The (train, eval) rows of the task's dataset; announced as a phase, with the parse's own progress."""
+    task = tasks.TASKS[config.task]
+    where = config.data_dir or os.environ.get("FASTCORE_DATA_DIR")
+    with phases.phase(f"preparing data: {task.dataset} from {where or 'tfds'}", own_line=True):   # a parse shows progress
+        return tuple(pipelines.load(task.dataset, split, config.data_dir, config.seed)
+                     for split in (config.train_split or task.train_split, config.eval_split or task.eval_split))
+
+
+def data_needs_tensorflow(config: RunConfig) -> bool:
+    """Whether loading the task's data starts TensorFlow (tfds does; local files and generated sets do not),
+    which fixes the thread count: then the data is loaded after `--threads auto` has decided."""
+    dataset = tasks.TASKS[config.task].dataset
+    return dataset in pipelines.FILE_DATASETS and not (config.data_dir or os.environ.get("FASTCORE_DATA_DIR"))
+
+
 def check(config: RunConfig):
     """The flag checks that need no data and no TensorFlow (run before threads are chosen); returns the task."""
     if config.task not in tasks.TASKS:
@@ -142,9 +162,8 @@ def check(config: RunConfig):
     if name is not None and (name in (".", "..") or any(sep and sep in name for sep in ("/", os.sep, os.altsep))):
         raise UsageError(f"--run-name {name!r} must name one folder inside --logdir (no path separator, no '..'): "
                          f"put the path in --logdir instead")
-    run_dir = os.path.join(config.logdir, config.run_name or default_run_name(config))
     for flag, folder in (("--logdir", config.logdir), ("--checkpoint-dir", config.checkpoint_dir),
-                         ("the run directory", run_dir)):
+                         ("the run directory", run_dir(config))):
         atomic.check_writable(flag, folder)
     if task.dataset == "higgs" and (config.data_dir or os.environ.get("FASTCORE_DATA_DIR")):
         from pipelines import rowcache   # local HIGGS is parsed into a row cache: its folder must take writes

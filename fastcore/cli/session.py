@@ -22,9 +22,9 @@ from fastcore import distribute
 from fastcore.engine.runguard import Signalled
 from fastcore.options import FitOptions, identity_fields
 from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
+from fastcore.observe import phases, tensorboard
 
 EXIT_INTERNAL = 70   # EX_SOFTWARE
-from fastcore.observe import tensorboard
 
 
 def config_from_args(args: argparse.Namespace) -> planning.RunConfig:
@@ -52,9 +52,14 @@ def train_and_summarize(p: planning.Plan, out=None) -> tuple[dict, object]:
             "mode": trainer.run_mode, "xla": trainer.run_mode == "xla", "batch_size": p.batch_size, "steps_per_call": p.steps_per_call,
             "epochs": p.total_steps / p.steps_per_epoch, "train_data": p.train.source, "eval_data": p.eval.source}
     if c.verify:
-        report = trainer.verify(p.feed, steps=c.verify)
+        with phases.phase(f"verify: {c.verify} steps compiled and eager from one state"):
+            report = trainer.verify(p.feed, steps=c.verify)
         lines = report.lines()
-        print("\n".join(lines if distribute.is_chief(trainer.strategy) else lines[:1] + lines[-1:]), file=out, flush=True)
+        if report.steps != c.verify:   # whole compiled calls: say why the count differs from the flag's
+            lines[0] += f" ({report.steps // p.steps_per_call} whole calls of {p.steps_per_call} steps for --verify {c.verify})"
+        # The per-variable table when it matters (a failure, on the chief); summary.json always holds it.
+        short = report.passed or not distribute.is_chief(trainer.strategy)
+        print("\n".join(lines[:1] + lines[-1:] if short else lines), file=out, flush=True)
         head["verify"] = report.to_json()
         if not report.passed:
             return head, None
@@ -75,7 +80,12 @@ def main(args: argparse.Namespace) -> int:
         folder = where["checkpoint_dir"]
         newest = _newest_checkpoint(folder) if folder else None
         kept = f"the newest checkpoint is {newest!r}; continue with --resume" if newest else "no checkpoint was written"
-        print(f"fastcore-train: stopped by {e.name} {where['phase']}; {kept}", file=sys.stderr)
+        if e.after_last_step:   # during the report: Run.fit wrote summary.json before delivering it
+            kept = f"training is complete: the newest checkpoint is {newest!r} and summary.json is written"
+        phase = "after the last step" if e.after_last_step else where["phase"]
+        if phases.stopped_in() and not e.after_last_step:   # the announced phase it stopped, e.g. threads timing
+            phase += f" ({phases.stopped_in()})"
+        print(f"fastcore-train: stopped by {e.name} {phase}; {kept}", file=sys.stderr)
         return e.exit_code
     except Exception as e:   # noqa: BLE001 (the last resort: one line, never a traceback on the terminal)
         fd, path = tempfile.mkstemp(prefix="fastcore-error-", suffix=".txt")
@@ -92,10 +102,13 @@ def _main(args: argparse.Namespace, where: dict) -> int:
     try:
         # Threads and the strategy first: both must be set before TensorFlow runs any op.
         planning.check(config)   # bad flags are said before any timing
+        # Local data first, in this process: its progress reaches the user and the timing children read the
+        # row cache. tfds starts TensorFlow (fixing the thread count), so it loads after the threads are set.
+        data = None if planning.data_needs_tensorflow(config) else planning.load_data(config)
         count, threads_why = threads.decide(config.threads, config)
         threads.use(count)
         strategy = distribute.strategy(config.strategy, config.devices, config.peer_timeout)
-        p = planning.plan(config, strategy)
+        p = planning.plan(config, strategy, data)
     except (UsageError, pipelines.DataError) as e:
         print(f"fastcore-train: error: {e}", file=sys.stderr)
         return 2
@@ -146,14 +159,24 @@ def _main(args: argparse.Namespace, where: dict) -> int:
     if "examples_per_sec" in summary:
         print(f"{summary['examples_per_sec']:,.0f} examples/s steady, compile {summary['compile_seconds']:.2f} s, "
               f"input wait {100 * summary['input_wait_share']:.1f}%, {summary['steps']} steps", flush=True)
-    elif "first_call_seconds" in summary:
+    elif summary.get("compiled_calls") == 1:
         print(f"{summary['steps']} steps in one compiled call ({summary['first_call_seconds']:.2f} s with compile): "
               f"too short for a steady-state throughput figure", flush=True)
+    elif "first_call_seconds" in summary:   # every call after the first was profiled
+        prof = summary.get("profile") or {}
+        traced = (f"; under the profiler {prof['examples_per_sec']:,.0f} examples/s, {prof['step_time_ms']:.3f} ms/step"
+                  if prof.get("calls") else "")
+        print(f"{summary['steps']} steps in {summary['compiled_calls']} compiled calls: the first is never counted as "
+              f"steady and the others were profiled, so no steady-state throughput figure{traced}", flush=True)
     print("\n".join(tensorboard.final_lines(summary)), flush=True)
     if "utilisation_left_out" in summary:
         print(f"utilisation: left out ({summary['utilisation_left_out']})", flush=True)
     if tensorboard.retrace_warning(summary):
         print(tensorboard.retrace_warning(summary), file=sys.stderr, flush=True)
+    if threads_why.startswith("auto") and summary.get("examples_per_sec"):
+        stale = threads.recheck(config, count, summary["examples_per_sec"] / max(1 - summary["input_wait_share"], 0.01))
+        if stale:
+            print(stale, flush=True)
     print(f"summary: {path}", flush=True)
     return 0
 

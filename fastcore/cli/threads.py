@@ -6,9 +6,14 @@ Small steps lose more to handing work to a second thread than they gain from it.
 step's matmuls alone) picked wrongly for HIGGS (9.3 vs 10.6 ms), so the step itself is timed: the run's
 plan is built in two child processes (the thread count is fixed when TensorFlow starts), one on one thread
 and one on all, and each times its compiled training call on one batch. The faster wins (one thread only
-by a 5% margin) and the answer is cached per machine and run configuration (a few seconds, once). A cached
-answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is timed
-again. The children work in one private temp folder, removed when they end.
+by a 5% margin) and the answer is cached per machine and run configuration. Budget, measured on a 2-core
+Xeon for the HIGGS task: 25.8 s on a machine's first run (16.4 s of it the machine's matmul peaks, which the
+precision choice needs anyway and every later configuration reuses), about 10 s per child for a new
+configuration, 0 s once cached. Against a neighbour's load: each child times calls for BUDGET_SECONDS and keeps
+the best; when its median call is over NOISY x the best the answer is used but not cached; after the run,
+a steady rate (input wait left out) under CONTRADICTED x the cached one forgets the cached answer (recheck).
+A cached answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is
+timed again. The children work in one private temp folder, removed when they end.
 Library users set it themselves: tf.config.threading.set_intra_op_parallelism_threads(n) before any op.
 """
 from __future__ import annotations
@@ -16,14 +21,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 
+from fastcore import children
+from fastcore.observe import calibrate, phases   # no TensorFlow: both are safe before threads are set
+
 BUDGET_SECONDS = 1.0
 MIN_CALLS = 5
 MARGIN = 1.05
+NOISY = 1.25        # a child's median call this much slower than its best: a neighbour was busy (used, not cached)
+CONTRADICTED = 0.5  # a run's steady rate under this share of the cached one: the cached choice is timed again
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
 PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
 
@@ -46,8 +56,25 @@ def decide(setting: str, config) -> tuple[int | None, str]:
         return None, "all cores (TensorFlow had already started in this process)"
     if config.strategy != "none" or config.mode == "eager":
         return None, "all cores (auto times single-device compiled steps only)"
+    before = resumed_count(config) if config.resume else None
+    if before is not None:   # a resumed run keeps its arithmetic: --deterministic's bit-identical end needs it
+        return before or None, f"auto: {before or 'all'}, as this run used before it was stopped (summary.json)"
     count, why = choose(config)
     return count, f"auto: {why}"
+
+
+def resumed_count(config) -> int | None:
+    """The intra-op thread count the run being resumed used (0: all cores), from its summary.json; None if
+    unknown (no summary.json yet, e.g. after a SIGKILL: then it is timed or read from the cache)."""
+    from fastcore.cli import plan as planning
+    try:
+        with open(os.path.join(planning.run_dir(config), "summary.json"), encoding="utf-8") as f:
+            used = json.load(f).get("intra_op_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(used, int) or used <= 0:
+        return None
+    return 0 if used == len(os.sched_getaffinity(0)) else used
 
 
 def tensorflow_started() -> bool:
@@ -60,25 +87,45 @@ def tensorflow_started() -> bool:
 
 def choose(config) -> tuple[int | None, str]:
     """(1 or None, why) for a RunConfig: one thread when the run's step is measurably faster on one."""
-    from fastcore.observe import calibrate   # the machine key and its locked cache
     fields = step_cost(config)
     key = cache_key(config)
     entry = calibrate.cached(key)
     cached = _plausible(entry)
+    noisy = []
     if not cached:
         try:
-            with tempfile.TemporaryDirectory(prefix="fastcore-threads-") as scratch:
-                entry = {"one": _time_in_child(1, fields, scratch), "all": _time_in_child(0, fields, scratch)}
+            with tempfile.TemporaryDirectory(prefix="fastcore-threads-") as scratch, phases.phase(
+                    "--threads auto: timing the step on 1 thread and on all, one child process each"):
+                timed = {"one": _time_in_child(1, fields, scratch), "all": _time_in_child(0, fields, scratch)}
         except RuntimeError:   # bad data or flags: the run itself reports them in its one line
             return None, "the step could not be timed, so all cores"
+        entry = {name: best for name, (best, _) in timed.items()}
         if not _plausible(entry):
             return None, "the step's timing was implausible, so all cores"
-        calibrate.store(key, entry)
+        noisy = [name for name, (best, median) in timed.items() if median > NOISY * best]
+        if not noisy:
+            calibrate.store(key, entry)
     one, every = entry["one"], entry["all"]
     pick = 1 if one * MARGIN < every else None
     why = (f"{1 / one:,.0f} examples/s on 1 thread, {1 / every:,.0f} on all, the step timed "
-           f"{'earlier (cached)' if cached else 'now'}")
+           f"{'earlier (cached)' if cached else 'now'}{', noisy, not cached' if noisy else ''}")
     return pick, why
+
+
+def recheck(config, count: int | None, examples_per_sec: float | None) -> str | None:
+    """After a run: when its steady rate (`examples_per_sec` of compute, input wait left out) is far below
+    what the cached timing promised for its thread count
+    (a timing taken under a neighbour's load, or a changed machine), forget the cached answer so the next run
+    times it again; returns the line saying so, else None. Costs nothing now."""
+    entry = calibrate.cached(cache_key(config))
+    if not examples_per_sec or not _plausible(entry):
+        return None
+    promised = 1 / entry["one" if count == 1 else "all"]
+    if examples_per_sec >= CONTRADICTED * promised:
+        return None
+    calibrate.forget(cache_key(config))
+    return (f"threads: this run's {examples_per_sec:,.0f} examples/s is under {CONTRADICTED:.0%} of the "
+            f"{promised:,.0f} timed earlier; the next run times the thread count again")
 
 
 def step_cost(config) -> dict:
@@ -97,15 +144,17 @@ def _plausible(entry) -> bool:
         isinstance(entry.get(name), float) and low <= entry[name] <= high for name in ("one", "all"))
 
 
-def _time_in_child(count: int, fields: dict, scratch: str) -> float:
-    done = subprocess.run([sys.executable, "-m", "fastcore.cli.threads", str(count), json.dumps(fields), scratch],
-                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=600)
+def _time_in_child(count: int, fields: dict, scratch: str) -> tuple[float, float]:
+    """(best, median) seconds per example of the run's training call on `count` threads (0: all)."""
+    done = children.run([sys.executable, "-m", "fastcore.cli.threads", str(count), json.dumps(fields), scratch],
+                        timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0:
         raise RuntimeError(f"timing the step for --threads auto failed: {done.stderr.strip()[-300:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+    best, median = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(best), float(median)
 
 
-def _seconds_per_example(count: int, fields: dict, scratch: str) -> float:
+def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float, float]:
     """In the child: build the run's plan on `count` threads (0: all) and time its training call."""
     use(count or None)
     import tensorflow as tf
@@ -117,13 +166,13 @@ def _seconds_per_example(count: int, fields: dict, scratch: str) -> float:
     batch = next(iter(p.feed.dataset.take(1)))
     train = engine.train_many if p.steps_per_call > 1 else engine.train_one
     tf.nest.map_structure(lambda t: t.numpy(), train(batch))
-    best, calls, start = float("inf"), 0, time.perf_counter()
-    while calls < MIN_CALLS or time.perf_counter() - start < BUDGET_SECONDS:
+    times, start = [], time.perf_counter()
+    while len(times) < MIN_CALLS or time.perf_counter() - start < BUDGET_SECONDS:
         t = time.perf_counter()
         tf.nest.map_structure(lambda t: t.numpy(), train(batch))
-        best = min(best, time.perf_counter() - t)
-        calls += 1
-    return best / (p.batch_size * p.steps_per_call)
+        times.append(time.perf_counter() - t)
+    examples = p.batch_size * p.steps_per_call
+    return min(times) / examples, statistics.median(times) / examples
 
 
 if __name__ == "__main__":

@@ -67,8 +67,33 @@ def training_labels(engine, feed: feeding.Feed) -> None:
 def labels(engine, y, what: str) -> None:
     """Refuse labels outside 0..classes-1 for each output whose loss takes class ids (sparse categorical
     crossentropy; its ignore_class is allowed)."""
-    if y is None:   # an empty dataset: nothing to check
+    found = _outside(engine, y) if y is not None else None   # None: an empty dataset, nothing to check
+    if found:
+        output, label, classes = found
+        output = f" of output {output!r}" if output else ""
+        raise UsageError(f"the {what} labels{output} include {label:g}, but the model's output has {classes} "
+                         f"classes: a sparse categorical loss takes class ids 0 to {classes - 1}")
+
+
+def labels_of_call(engine, batch, k: int, first_step: int) -> None:
+    """After the guard stopped a call (`batch`: its batch, or K stacked; `first_step`: the step of its first):
+    a label outside a sparse loss's classes in a batch after the first is bad input, not a NaN (under XLA the
+    loss of such a label is NaN, where TensorFlow's kernels refuse it): DataError naming the step and label."""
+    if not _class_ids(engine):
         return
+    y = tf.nest.map_structure(np.asarray, unpack(batch)[1])
+    for i in range(k):
+        found = _outside(engine, tf.nest.map_structure(lambda v: v[i], y) if k > 1 else y)
+        if found:
+            output, label, classes = found
+            output = f" for output {output!r}" if output else ""
+            raise pipelines.DataError(f"a batch at step {first_step + i} has label {label:g}{output}, outside the "
+                                      f"loss's classes [0, {classes})")
+
+
+def _outside(engine, y) -> tuple[str | None, float, int] | None:
+    """(the output's name when there are several, the label, the classes) of a label in `y` outside
+    0..classes-1 for an output whose loss takes class ids (its ignore_class allowed), or None."""
     objective = engine.step_fn.objective
     for index, (classes, ignore) in _class_ids(engine).items():
         values = np.asarray(labels_per_output(y, objective.names)[index])
@@ -77,11 +102,10 @@ def labels(engine, y, what: str) -> None:
         if not values.size:
             continue
         low, high = values.min(), values.max()
-        if low >= 0 and high < classes:
-            continue
-        output = f" of output {objective.names[index]!r}" if len(objective.names) > 1 else ""
-        raise UsageError(f"the {what} labels{output} include {float(low if low < 0 else high):g}, but the model's "
-                         f"output has {classes} classes: a sparse categorical loss takes class ids 0 to {classes - 1}")
+        if low < 0 or high >= classes:
+            output = objective.names[index] if len(objective.names) > 1 else None
+            return output, float(low if low < 0 else high), classes
+    return None
 
 
 def validation(engine, data, options, mode: str) -> tf.data.Dataset:

@@ -27,11 +27,12 @@ class StopRequested(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """Training produced a NaN or Inf; the update of that step (and any after it) was not applied."""
+    """Training produced a NaN or Inf; the update of that step (and any after it) was not applied.
+    `batch`: the call's batch (K stacked), `first_step`: the step of its first, to look for the cause."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, batch=None, first_step: int | None = None):
         super().__init__(f"the loss or a gradient was not finite at step {step}")
-        self.step = step
+        self.step, self.batch, self.first_step = step, batch, first_step
 
 
 @dataclasses.dataclass
@@ -48,7 +49,6 @@ class Loop:
     history: list = dataclasses.field(default_factory=list)
     should_stop: object = None       # () -> bool, asked after each call (e.g. a SIGTERM arrived)
     ending_epoch: bool = False       # during on_call_end: whether this call ends an epoch (its eval follows)
-    call_override: object = None     # set by a callback for the next call: (batch) -> logs, run instead
     stop_training: bool = False      # set by a callback: the epoch ends after this call (with its evaluation)
     non_finite_stops: bool = False   # set by a callback: a non-finite step ends the run (not NonFiniteLoss)
     epoch_index: int = 0             # the 0-based number of the epoch in progress (or just ended)
@@ -75,11 +75,10 @@ class Loop:
             for cb in self.callbacks:
                 cb.on_call_begin(self)
             batch = self.meter.timed_next(self.iterator)
-            logs = self.meter.timed_call(self.call_override or self.train_fn, batch)
-            self.call_override = None
+            logs = self.meter.timed_call(self.train_fn, batch)
             bad_step = int(self.engine.first_non_finite_step.numpy())   # one scalar per call, not per step
             if bad_step >= 0 and not self.non_finite_stops:
-                raise NonFiniteLoss(bad_step)
+                raise NonFiniteLoss(bad_step, batch, self.steps_done + 1)
             self.stop_training = self.stop_training or bad_step >= 0   # the guard applied nothing from bad_step on
             epochs_before = self.steps_done // self.steps_per_epoch
             self.steps_done += self.steps_per_call

@@ -7,8 +7,15 @@ their gradients to slower kernels than oneDNN's, and worse again inside the K-st
 GPU XLA is expected to win; the same timing decides there (not measurable on the machines at hand).
 
 So the candidates (XLA and a plain graph, each with one and with K steps per call) are each compiled and
-timed on the run's first real batches, calls interleaved so a neighbour's load hits all alike, within a
-time budget; the fastest is kept and the figures are cached per machine, model, batch and precision.
+timed on the run's first real batches (fastcore.observe.timing): calls interleaved (A B C D A B C D ...) so a
+neighbour's load hits all alike, the fastest of LEAST-MOST rounds kept, no new round after BUDGET_SECONDS, a
+candidate OUT_OF_RACE times slower than the best timed no more. The fastest wins unless the default order
+(PREFERENCE: XLA with K steps first) has one within TIE of it: a near tie is no evidence, so it keeps the
+earlier listed, said so. The figures are cached per machine, model, batch and precision, unless the timing
+judged itself noisy ("noisy, not cached": used by this run, timed again by the next); a cached timing the
+run contradicts (its own steady step far from the cached rate of the path it ran, `recheck`) is dropped.
+Budget, measured on a 2-core Xeon (avx512_bf16, no AMX) with other work on half its CPUs: the MNIST MLP
+(batch 32, K 50) 7.4-9.9 s on a first run, most of it the four compiles; 0.12 s once cached.
 A convolutional model on a machine without a GPU is not timed as XLA with K steps (_xla_cpu_convolutions).
 Each candidate trains with fresh optimizers, on fresh models from a factory or on the run's own models
 (passed built), whose weights are put back afterwards.
@@ -23,14 +30,14 @@ import tensorflow as tf
 
 from fastcore.engine import feeding
 from fastcore.engine.precision import Precision
-from fastcore.observe import calibrate
+from fastcore.observe import calibrate, timing
 
-BUDGET_SECONDS = 20.0   # no new timing round starts after this (the first compile of each included)
-ROUNDS = 5              # interleaved timed calls per surviving candidate, at most
+BUDGET_SECONDS = 2.0    # no new timing round after this many seconds of rounds (the compiles come before)
+LEAST, MOST = 3, 5      # interleaved timed rounds of every candidate still in the race
 OUT_OF_RACE = 2.0       # a candidate this many times slower than the best is not timed again
 CALL_SECONDS = 0.5      # K-step candidates are timed with at most about this long a call (see timing_k)
-PREFERENCE = ("xla/K", "xla/1", "graph/K", "graph/1")   # on a tie within TIE (2%), the first listed wins
-TIE = 1.02
+PREFERENCE = ("xla/K", "xla/1", "graph/K", "graph/1")   # the default first: on a near tie the first listed wins
+TIE = 1.05              # ...within 5% of the fastest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,8 @@ class Path:
     steps_per_call: int
     reason: str
     rates: dict = dataclasses.field(default_factory=dict)   # {candidate: ex/s} as measured (or cached)
+    key: str = ""          # where the timing is cached (mode="auto")
+    precision: str = ""    # the precision it was timed in
 
 
 def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, feed) -> Path:
@@ -61,9 +70,25 @@ def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, f
     except Exception as e:   # the run's own step raises it again, where fastcore reports it in one line
         return Path("xla", k if looped_xla else 1, f"auto: xla, not timed (the step raised {type(e).__name__})")
     if not looped_xla:
-        return dataclasses.replace(path, reason=path.reason + "; XLA with K steps per call not timed: on a CPU "
-                                                              "it ran a convnet at 0.02x a plain graph (BENCHMARKS.md)")
+        return dataclasses.replace(path, reason=path.reason + "; XLA with K steps per call not timed (a convnet "
+                                                              "on a CPU: 0.02x a plain graph, BENCHMARKS.md)")
     return path
+
+
+def recheck(path: Path, summary: dict) -> str | None:
+    """After a run on auto's path: when its own steady step contradicts the cached rate of that path
+    (timing.contradicts), the cached timing is dropped (the next run times again); the line saying so."""
+    if not path.key or (summary.get("mode"), summary.get("steps_per_call"), summary.get("precision")) != (
+            path.mode, path.steps_per_call, path.precision):
+        return None   # the run did not run what was timed (precision auto moved it)
+    rates = calibrate.cached(f"path/{path.key}")
+    candidate = f"{path.mode}/{'1' if path.steps_per_call == 1 else 'K'}"
+    ran = timing.run_rate(summary)
+    if not rates or candidate not in rates or ran is None or not timing.contradicts(rates[candidate], ran):
+        return None
+    calibrate.forget(f"path/{path.key}")
+    return (f"auto path: this run's {_label(candidate, path.steps_per_call)} step ran {ran:,.0f} ex/s, the cached "
+            f"timing said {rates[candidate]:,.0f}: dropped from the cache, timed again next run")
 
 
 def _xla_cpu_convolutions(assembly) -> bool:
@@ -90,19 +115,28 @@ def choose(assembly, precision: Precision, batches: Callable[[int], list], batch
     if k > 1:
         options.update({"xla/K": ("xla", k)} if looped_xla else {})
         options["graph/K"] = ("graph", k)
-    rates = calibrate.cached(f"path/{key}")
-    source = "measured before on this machine"
+    rates, source = calibrate.cached(f"path/{key}"), "cached"
     if not _plausible(rates, options):
-        rates, source = measure(assembly, precision, options, batches, batch_size), "measured now"
-        calibrate.store(f"path/{key}", rates)
-    best = max(rates, key=rates.get)
-    for name in PREFERENCE:   # a near tie goes to the path asked for most often (and first-class on GPUs)
-        if name in rates and rates[name] * TIE >= rates[best]:
-            best = name
-            break
+        start = time.perf_counter()
+        timed, work = measure(assembly, precision, options, batches, batch_size)
+        rates = timed.rates(work)
+        source = (f"timed now in {time.perf_counter() - start:.1f} s"
+                  + (f", noisy ({timed.noise}), not cached" if timed.noise else ""))
+        if not timed.noise:
+            calibrate.store(f"path/{key}", rates)
+    fastest = max(rates, key=rates.get)
+    # a near tie goes to the path asked for most often (and first-class on GPUs)
+    best = next(name for name in PREFERENCE if name in rates and rates[name] * TIE >= rates[fastest])
     mode, steps = options[best]
-    figures = ", ".join(f"{name.replace('/K', f'/{k}')} {rate:,.0f}" for name, rate in rates.items())
-    return Path(mode, steps, f"auto: {mode}, {steps} step(s) per call, fastest of {figures} ex/s ({source})", rates)
+    figures = ", ".join(f"{_label(name, k)} {rate:,.0f}" for name, rate in rates.items())
+    tie = (f"; {_label(fastest, k)} within {TIE - 1:.0%}: a near tie keeps {_label(best, k)}, listed first"
+           if best != fastest else "")
+    return Path(mode, steps, f"auto: {mode}, {steps} step(s) per call; {figures} ex/s{tie} ({source})", rates,
+                key, precision.name)
+
+
+def _label(name: str, k: int) -> str:
+    return name.replace("/K", f"/{k}")
 
 
 def _plausible(rates, options) -> bool:
@@ -117,55 +151,37 @@ def timing_k(k: int, single_step_seconds: float) -> int:
 
 
 def measure(assembly, precision: Precision, options: dict, batches: Callable[[int], list],
-            batch_size: int) -> dict[str, float]:
-    """Best ex/s of each candidate's training call, interleaved; every timed model's weights put back."""
-    start = time.perf_counter()
+            batch_size: int) -> tuple[timing.Timing, dict[str, int]]:
+    """Each candidate's training call timed in interleaved rounds, and the examples one call of each trains;
+    every timed model's weights put back."""
     engines = {name: _throwaway_engine(assembly, precision, mode, batch_size) for name, (mode, _) in options.items()}
     first = batches(1)[0]
     touched = [v for name, (_, steps) in options.items() if steps == 1
                for v in engines[name].train_one.get_concrete_function(first).graph.variables]
     put_back = _put_back_later(touched)
     try:
-        calls = {name: _call(engines[name].train_one, first, batch_size)
-                 for name, (_, steps) in options.items() if steps == 1}
-        best = {name: _first_timed(call) for name, call in calls.items()}
+        calls = {name: _call(engines[name].train_one, first) for name, (_, steps) in options.items() if steps == 1}
+        work = dict.fromkeys(calls, batch_size)
         k = max(steps for _, steps in options.values())
-        if k > 1:
-            timed_k = timing_k(k, batch_size / max(best.values()))
+        if k > 1:   # one step's time (after the compile) sizes the K-step calls
+            one_step = min(_compiled_then_timed(call) for call in calls.values())
+            timed_k = timing_k(k, one_step)
             stacked = _stack(batches(timed_k))
             for name, (_, steps) in options.items():
                 if steps > 1:
-                    calls[name] = _call(engines[name].train_many, stacked, batch_size * timed_k)
-                    best[name] = _first_timed(calls[name])
-        for _ in range(ROUNDS - 1):
-            if time.perf_counter() - start > BUDGET_SECONDS:
-                break
-            leader = max(best.values())
-            for name, call in calls.items():
-                if best[name] * OUT_OF_RACE >= leader:
-                    best[name] = max(best[name], _timed(call))
-        return best
+                    calls[name], work[name] = _call(engines[name].train_many, stacked), batch_size * timed_k
+        return timing.interleaved(calls, BUDGET_SECONDS, LEAST, MOST, behind=OUT_OF_RACE, work=work), work
     finally:
         put_back()
 
 
-def _call(fn, batch, examples: int):
-    return lambda: (examples, _block(fn(batch)))
+def _call(fn, batch):
+    return lambda: tf.nest.map_structure(lambda t: t.numpy(), fn(batch))
 
 
-def _first_timed(call) -> float:
+def _compiled_then_timed(call) -> float:
     call()   # trace and compile
-    return _timed(call)
-
-
-def _timed(call) -> float:
-    begin = time.perf_counter()
-    examples, _ = call()
-    return examples / (time.perf_counter() - begin)
-
-
-def _block(logs) -> None:
-    tf.nest.map_structure(lambda t: t.numpy(), logs)
+    return timing.time_call(call)
 
 
 def _stack(batches: list):

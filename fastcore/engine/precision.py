@@ -60,7 +60,8 @@ def resolve(name: str, xla: bool, graph_bf16: bool = False) -> Precision:
     f32 = peaks[f"float32/{path}"][0]
     bf16 = max(peaks[f"bfloat16/{p}"][0] for p in bf16_paths)
     measured = (f"{path} matmul peak float32 {f32:.0f}, bfloat16 "
-                + ", ".join(f"{p} {peaks[f'bfloat16/{p}'][0]:.0f}" for p in bf16_paths) + " GFLOP/s")
+                + ", ".join(f"{p} {peaks[f'bfloat16/{p}'][0]:.0f}" for p in bf16_paths) + " GFLOP/s"
+                + (", noisy, not cached" if any(rate.noise for rate in peaks.values()) else ""))
     if bf16 >= BF16_GAIN * f32:
         return Precision("bfloat16", f"auto: {measured}, >= {BF16_GAIN:g}x")
     return Precision("float32", f"auto: {measured}, under the {BF16_GAIN:g}x that pays for bfloat16's precision")

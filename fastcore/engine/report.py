@@ -11,7 +11,7 @@ import tensorflow as tf
 from fastcore import atomic
 from fastcore.engine import preflight
 from fastcore.engine.step import StepContext
-from fastcore.observe import flops, tensorboard
+from fastcore.observe import flops, phases, tensorboard
 
 
 def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, checkpoints=None, observer=None,
@@ -38,10 +38,12 @@ def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, c
         summary["non_finite_figures"] = flagged
     if checkpoints and checkpoints.failed_saves:
         summary["failed_checkpoint_saves"] = checkpoints.failed_saves
-    summary.update(flops_per_example(engine, feed, k))
-    if "examples_per_sec" in summary:
-        summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
-                                               precision, matmul_shapes(engine, feed.batch_size), measure_peak))
+    with phases.phase("report: counting the step's FLOPs" + (", measuring the machine's peak if not cached"
+                                                             if measure_peak else "")):
+        summary.update(flops_per_example(engine, feed, k))
+        if "examples_per_sec" in summary:
+            summary.update(tensorboard.utilisation(summary["flops_per_example"], summary["examples_per_sec"],
+                                                   precision, matmul_shapes(engine, feed.batch_size), measure_peak))
     if observer:
         summary.update(observer.report(engine.ledger, mode, summary))
     else:

@@ -27,10 +27,10 @@ import tensorflow as tf
 
 from fastcore import atomic, distribute
 from fastcore.callbacks import Callback
-from fastcore.engine import checkpoint, feeding, report, runguard
+from fastcore.engine import checkpoint, feeding, input_checks, report, runguard
 from fastcore.engine.loop import Loop, NonFiniteLoss, StopRequested
 from fastcore.errors import DataError, Interrupted, NonFiniteError, PeerLost, UsageError
-from fastcore.observe import tensorboard
+from fastcore.observe import phases, tensorboard
 from fastcore.observe.progress import Progress
 from fastcore.options import FitOptions, identity_fields
 
@@ -81,6 +81,7 @@ class Run:
     identity_records: tuple = ()   # option records whose IDENTITY fields make the run this run
     preflight: Callable | None = None        # (first call's batch) -> PreflightReport; raises PreflightError
     warm_up_seconds: Callable[[], float | None] = lambda: None
+    rechecks: Sequence[Callable[[dict], str | None]] = ()   # (summary) -> a cached auto decision it contradicts
 
     def total_steps(self, start: int = 0) -> int:
         """The step the fit ends at: `start` (where the engine is) plus its length, in whole calls of K."""
@@ -141,7 +142,8 @@ class Run:
             loop.should_stop = lambda: agree(stop.received is not None)
             if self.preflight and not (o.resume and checkpoint.on_disk(checkpoint_dir or "")):
                 try:
-                    result = self.preflight(next(iter(feed.dataset.take(1))))
+                    with phases.phase("pre-flight: compiled and eager on the first batch, compiling the step"):
+                        result = self.preflight(next(iter(feed.dataset.take(1))))
                 except tf.errors.InvalidArgumentError as e:   # its warm-up ran the first call's batches
                     raise DataError(f"a batch of the first call was refused by TensorFlow: {_what_is_wrong(e)}") from None
                 summary["preflight"] = result.to_json()
@@ -150,6 +152,8 @@ class Run:
                 with progress or contextlib.nullcontext():   # a line redrawn in place ends before any other
                     loop.run()
             except NonFiniteLoss as e:
+                if self.strategy is None:   # a label the loss cannot take is bad input, not a NaN (XLA)
+                    input_checks.labels_of_call(engine, e.batch, self.k, e.first_step)
                 last = checkpoints.latest if checkpoints else None
                 summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
                 report.write(run_dir, summary, say)
@@ -171,17 +175,22 @@ class Run:
                 name, code = (stop.name, runguard.EXIT_CODES[stop.received]) if stop.received else (
                     "SIGTERM (on another worker)", runguard.EXIT_CODES[signal.SIGTERM])
                 summary["interrupted"] = {"signal": name, "step": loop.steps_done, "checkpoint": latest}
-                self._fill(summary, loop, checkpoints, observer, measure_peak=False)
+                self._fill(summary, loop, checkpoints, observer, say, measure_peak=False)
                 report.write(run_dir, summary, say)
                 raise Interrupted(name, loop.steps_done, latest, code, summary) from None
-            self._fill(summary, loop, checkpoints, observer)
+            self._fill(summary, loop, checkpoints, observer, say)
             report.write(run_dir, summary, say)
         return FitResult(summary["history"], summary, run_dir)
 
-    def _fill(self, summary, loop, checkpoints, observer, measure_peak: bool = True) -> None:
+    def _fill(self, summary, loop, checkpoints, observer, say, measure_peak: bool = True) -> None:
         report.fill(summary, loop, self.engine, self.feed, self.k, self.precision.name, self.mode, checkpoints,
                     observer, self.warm_up_seconds(), distributed=self.strategy is not None,
                     measure_peak=measure_peak)
+        rechecked = [line for line in (check(summary) for check in self.rechecks) if line]
+        if rechecked:
+            summary["rechecked"] = rechecked
+            for line in rechecked:
+                say(line)
 
     def _loop(self, start, total, run_dir, checkpoint_dir, identity, say, extra_callbacks):
         """The loop from step `start` to `total` with its callbacks: TensorBoard (run_dir), checkpoints

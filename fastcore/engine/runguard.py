@@ -8,7 +8,8 @@ process's locks). The lock file is never opened through a symbolic link (fastcor
 loop honours after the compiled call in flight: it saves a checkpoint, writes summary.json marked
 interrupted, and stops with one line. A second signal stops at once (exit 128 + signal number), saying
 which checkpoint is on disk. A signal that arrives after the loop's last call (during the report) is
-delivered to the previous handler when the run ends, not dropped.
+delivered to the previous handler when the run ends, not dropped (a Signalled it raises is marked
+`after_last_step`: training is complete).
 
 `raise_on_signals` is the command line's handler outside a loop (start-up, verify, calibration): the
 signal raises `Signalled`, which the command turns into one line and 130 / 143.
@@ -77,7 +78,11 @@ class StopSignals:
             signal.signal(sig, handler)
         installed, self.previous = bool(self.previous), {}
         if installed and exc_type is None and self.received is not None:
-            signal.raise_signal(self.received)   # arrived after the last call: the previous handler decides
+            try:
+                signal.raise_signal(self.received)   # arrived after the last call: the previous handler decides
+            except Signalled as e:
+                e.after_last_step = True
+                raise
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:   # the second signal: stop now
@@ -94,11 +99,13 @@ class StopSignals:
 
 
 class Signalled(BaseException):
-    """SIGINT or SIGTERM outside a training loop in a command (not an Exception: nothing may swallow it)."""
+    """SIGINT or SIGTERM outside a training loop in a command (not an Exception: nothing may swallow it).
+    `after_last_step`: it arrived during a run's report, after its last compiled call (see StopSignals)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.name, self.exit_code = signal.Signals(signum).name, EXIT_CODES[signum]
+        self.after_last_step = False
 
 
 def raise_on_signals() -> None:

@@ -247,9 +247,6 @@ class Engine:
         self._eval_names: tuple[str, ...] | None = None
         self.train_one = self._compile(self._trace_counted("train", self.train_call_one))
         self.train_many = self._compile(self._trace_counted("train", self.train_call_many))
-        # One step per call inside a profile window, so the Profile tab's step time is per training step;
-        # its own ledger entry, so it is never mistaken for a retrace of the training call.
-        self.train_stepwise = self._compile(self._trace_counted("train (profile window)", self.train_call_one))
         self.evaluate = self._compile(self._trace_counted("eval", self.eval_call))
 
     @property

@@ -19,6 +19,7 @@ summary.json that is damaged or not a JSON object: one line naming it).
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
 import shlex
 import shutil
@@ -178,18 +179,82 @@ def scalar_points(folder: str) -> tuple[int, dict[str, int]]:
     return len(files), points
 
 
-def readable_tools(xplanes: list[str]) -> list[str]:
-    """The Profile tab's tools for these trace files, from the plugin's own converter ([] if unreadable).
+FIGURE_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")
 
-    The converter writes HLO files next to the traces it reads, so it reads copies: the doctor only looks.
-    """
+
+def read_trace(xplanes: list[str]) -> tuple[list[str], dict]:
+    """The Profile tab's tools for these trace files, and the figures its own converter serves for them (what
+    TensorBoard would show); ([], {}) if unreadable. The converter writes HLO and cache files next to the
+    traces it reads, so it reads copies: the doctor only looks."""
     try:
         from xprof.convert import raw_to_tool_data
         with tempfile.TemporaryDirectory(prefix="fastcore-doctor-") as scratch:
             copies = [shutil.copy(x, scratch) for x in xplanes]
-            return [t for t in raw_to_tool_data.xspace_to_tool_names(copies) if t]
+            tools = [t for t in raw_to_tool_data.xspace_to_tool_names(copies) if t]
+            served = {tool: raw_to_tool_data.xspace_to_tool_data(copies, tool, {})[0]
+                      for tool in FIGURE_TOOLS if tool in tools}
     except Exception:
-        return []
+        return [], {}
+    return tools, served_figures(served)
+
+
+def served_figures(served: dict) -> dict:
+    """From the served tables (DataTable JSON): the Overview's average step time and the step markers it
+    analysed, how many recommendations it gives, and the rows of the Input Op and Framework Op Stats tables."""
+    out = {}
+    for tool, data in served.items():
+        try:
+            tables = json.loads(data)
+        except (TypeError, ValueError):
+            continue
+        for table in tables if isinstance(tables, list) else []:
+            props, rows = table.get("p") or {}, len(table.get("rows") or [])
+            cols = [c.get("id") for c in table.get("cols") or []]
+            if tool == "overview_page" and "steptime_ms_average" in props:
+                out.update(step_ms=float(props["steptime_ms_average"]), markers=rows)
+            elif tool == "overview_page" and "tip_type" in cols:
+                out["recommendations"] = rows
+            elif tool == "input_pipeline_analyzer" and "opName" in cols:
+                out["input_ops"] = rows
+            elif tool == "framework_op_stats":   # the same table with and without idle time
+                out["op_rows"] = max(out.get("op_rows", 0), rows)
+    return out
+
+
+def profile_notes(tools: list[str], figures: dict, recorded: dict) -> list[str]:
+    """How to read the trace's step time, and exactly what of it the Profile tab shows without internet
+    (checked in headless Chromium with no network: the page draws every chart and table with a chart script
+    it fetches from the internet; its numbers, text and the Trace Viewer need nothing from outside)."""
+    notes = []
+    k = recorded.get("steps_per_call")
+    if "step_ms" in figures and recorded.get("calls") and k:
+        steady = (f"; the run's untraced steady step: {recorded['steady_step_ms']:.3f} ms"
+                  if recorded.get("steady_step_ms") else "")
+        notes.append(f"the Profile tab's Average Step Time, {figures['step_ms']:.1f} ms, is one compiled call of {k} "
+                     f"step{'s' if k > 1 else ''} (one step marker per call): {figures['step_ms'] / k:.3f} ms per "
+                     f"optimizer step{steady}")
+    works, blank = [], []
+    if any(t.startswith("trace_viewer") for t in tools):
+        works.append("the Trace Viewer")
+    if "step_ms" in figures:
+        works.append(f"the Overview's Performance Summary (Average Step Time {figures['step_ms']:.1f} ms over "
+                     f"{figures['markers']} step markers) and Run Environment")
+        blank.append(f"the Overview's Step-time Graph and its {figures.get('recommendations', 0)} recommendations")
+    if "input_ops" in figures:
+        works.append("the Input Pipeline's verdict and step-time statistics")
+        blank.append(f"the Input Pipeline's charts and Input Op table ({figures['input_ops']} rows)")
+    if "op_rows" in figures:
+        blank.append(f"Framework Op Stats' charts and table ({figures['op_rows']} rows)")
+    if "memory_profile" in tools:
+        works.append("the Memory Profile's summary")
+        blank.append("the Memory Profile's timeline")
+    blank += [f"the {name} charts" for tool, name in (("roofline_model", "Roofline"), ("memory_viewer", "Memory Viewer"))
+              if tool in tools]
+    if works:
+        notes.append(f"offline, this trace shows: {'; '.join(works)}")
+    if blank:
+        notes.append(f"offline blank (drawn by a chart script the page fetches from the internet): {'; '.join(blank)}")
+    return notes
 
 
 def check_run(r: Report, logdir: str, name: str, plugin_runs: list[str] | None) -> bool:
@@ -243,7 +308,7 @@ def check_run(r: Report, logdir: str, name: str, plugin_runs: list[str] | None) 
             if empty:
                 r.problem(f"profile {label}: {len(empty)} empty trace file(s): the run was killed while saving")
                 continue
-            tools = readable_tools(xplanes)
+            tools, figures = read_trace(xplanes)
             if not tools:
                 r.problem(f"profile {label}: the installed plugin cannot read {os.path.basename(xplanes[0])} "
                           f"(corrupt, or written by a much newer profiler): upgrade xprof or train again")
@@ -255,10 +320,15 @@ def check_run(r: Report, logdir: str, name: str, plugin_runs: list[str] | None) 
             size = sum(os.path.getsize(x) for x in xplanes)
             hosts = ", ".join(os.path.basename(x)[:-len(".xplane.pb")] for x in xplanes)
             recorded = summary.get("profile") or {}
-            steps = recorded.get("steps") if (recorded.get("dir") or "").endswith(session) else None
+            if not (recorded.get("dir") or "").endswith(session):
+                recorded = {}
+            steps, calls = recorded.get("steps"), recorded.get("calls")
             r.ok(f"profile {label}: host {hosts}, {size / 1e6:.1f} MB"
                  + (f", steps {steps[0]}-{steps[1]}" if steps else "")
+                 + (f" in {calls} call{'s' if calls > 1 else ''} of {recorded['steps_per_call']}" if calls else "")
                  + f"; tools: {', '.join(tools[:6])}{', ...' if len(tools) > 6 else ''}")
+            for line in profile_notes(tools, figures, recorded):
+                r.note(line)
             viewable = True
     requested = summary.get("profile")
     if requested and not requested.get("dir"):
@@ -302,7 +372,7 @@ def doctor(logdir: str, out=sys.stdout) -> int:
     r.note(f"tensorboard --logdir {shlex.quote(logdir)}   then open http://localhost:6006 : Scalars tab; "
            f"Profile tab (in the menu at the top right if not shown), runs named <run>/<session>")
     r.note("the Profile tab reads traces when you open it: after a new run, reload the page")
-    r.note("offline, the Profile tab's charts stay blank: they are drawn by a script the page fetches from the "
-           "internet; its numbers (Average Step Time, op tables) and the trace viewer work without it")
+    r.note("offline, the Profile tab leaves blank what it draws with a chart script fetched from the internet (its "
+           "charts and data tables); its numbers, its text and the Trace Viewer work: each trace above says which")
     r.head("healthy" if not r.problems else f"{r.problems} problem(s) found")
     return 0 if not r.problems else 1

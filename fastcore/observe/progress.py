@@ -22,6 +22,7 @@ import sys
 import time
 
 from fastcore.callbacks import Callback
+from fastcore.observe import phases
 
 TTY_INTERVAL = 0.1       # seconds between redraws on a terminal
 NON_TTY_INTERVAL = 10.0  # seconds between plain lines elsewhere
@@ -72,11 +73,14 @@ class Progress(Callback):
         self.epochs = math.ceil(loop.total_steps / loop.steps_per_epoch)
         self.last_line = self.epoch_start = self.clock()
         self.steady = loop.meter.steady_calls
+        # The first call compiles the step (unless the pre-flight did): said if it takes a while.
+        self.first_call = phases.begin("the first compiled call")
 
     def on_epoch_begin(self, loop) -> None:
         self.epoch_start = self.clock()
 
     def on_call_end(self, loop, logs) -> None:
+        self.first_call.end()
         now, meter = self.clock(), loop.meter
         if meter.steady_calls > self.steady:   # neither the compiling call nor a profiled one
             self.rate.add(now, loop.steps_per_call, meter.last_wait + meter.last_compute)
@@ -106,6 +110,8 @@ class Progress(Callback):
 
     def __exit__(self, *exc) -> None:
         """Ends a redrawn line when the run stops inside an epoch, so what follows starts a line of its own."""
+        if hasattr(self, "first_call"):
+            self.first_call.end("stopped")
         if self.drawn:
             self.out.write("\n")
             self.out.flush()
@@ -136,6 +142,7 @@ class Progress(Callback):
         return [f"{loop.batch_size / step:,.0f} ex/s", f"{1000 * step:.2f} ms/step"]
 
     def _show(self, line: str, keep: bool = False) -> None:
+        phases.before_output()
         if self.tty:
             self.out.write("\r" + line + "\x1b[K" + ("\n" if keep else ""))
             self.drawn = not keep

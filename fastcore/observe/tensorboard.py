@@ -10,29 +10,35 @@ Scalars, written from tensors the loop already has (no `.numpy()`, so no host sy
                                `--summary-every` calls and the last
   train/learning_rate          the optimizer's learning rate, same calls
   train/loss_scale             the dynamic loss scale (float16 only), same calls
-  train/perf/examples_per_sec  examples of the call / (input wait + call time), every written call but the first
-  train/perf/step_time_ms      call time / steps per call, same calls (the first holds the trace and compile)
+  train/perf/examples_per_sec  examples of the call / (input wait + call time), of the written calls that count
+                               in the steady state: never the first (it traces and compiles) nor a profiled one
+  train/perf/step_time_ms      call time / steps per call, same calls
   train/epoch_<name>           once per epoch: the epoch's train_<name> (loss and metrics)
   validation/epoch_<name>      once per epoch: its eval_<name>, the same tag as the train figure
 The x axis is the optimizer step (`loop.steps_done`), so K-step calls and resumed runs line up.
 
 Steps are counted from 1: `--profile-steps 2:4` traces the compiled calls that run steps 2, 3 and 4
-(with K steps per call, the whole calls that contain them). Each traced call gets a profiler step
-marker (`Trace("train", step_num=<first step of the call>, _r=1)`) that spans fetching its batch and
-the call, so the Profile tab's step-time and input-pipeline views work. Traced calls are slower and
-are kept out of the steady-state figures in summary.json.
+(with K steps per call, the whole calls that contain them: summary.json's `profile.steps` are the steps
+traced, `profile.asked` the steps asked for). A traced call is the run's own compiled K-step call inside
+one profiler step marker (`Trace("train", step_num=<first step of the call>, _r=1)`) that spans fetching
+its batch and the call, so the Profile tab's step-time and input-pipeline views see the step as the run
+runs it; its "step" is one call, and its step time / K is the time per optimizer step (said in the final
+line and in `profile.step_time_is`). Traced calls are kept out of the steady-state figures and `perf/*`.
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shlex
+import statistics
 
 import tensorflow as tf
 
 from fastcore.callbacks import Callback
 from fastcore.errors import UsageError
 from fastcore.observe import calibrate
+from fastcore.observe.meter import RECENT
 
 WINDOW = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -67,10 +73,12 @@ class Scalars(Callback):
 
     def on_train_begin(self, loop) -> None:
         self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "train"))
-        self.calls = 0
+        self.calls, self.steady = 0, loop.meter.steady_calls
 
     def on_call_end(self, loop, logs) -> None:
-        index, self.calls = self.calls, self.calls + 1
+        self.calls += 1
+        steady = loop.meter.steady_calls > self.steady   # neither the compiling call nor a profiled one
+        self.steady = loop.meter.steady_calls
         if self.calls % self.every and loop.steps_done < loop.total_steps:
             return
         optimizers = loop.engine.optimizers
@@ -83,7 +91,7 @@ class Scalars(Callback):
                     tf.summary.scalar(f"learning_rate{suffix}", tf.convert_to_tensor(optimizer.learning_rate))
                 if loop.engine.loss_scaling:
                     tf.summary.scalar(f"loss_scale{suffix}", tf.convert_to_tensor(optimizer.dynamic_scale))
-            if index > 0:   # the first call of a run traces and compiles
+            if steady:   # the meter's steady calls only: the compiling call and profiled calls are left out
                 meter = loop.meter
                 compute, wait = meter.last_compute, meter.last_wait   # host timings of this call, no sync
                 tf.summary.scalar("perf/examples_per_sec", meter.examples_per_call / (compute + wait))
@@ -116,57 +124,61 @@ def profile_sessions(run_dir: str) -> list[str]:
 
 
 class ProfileWindow(Callback):
-    """Profiler trace of the calls covering steps first..last (from 1, inclusive), one marker per step.
+    """Profiler trace of the whole compiled calls that run steps first..last (from 1, inclusive).
 
-    Inside the window a call of K steps runs as K one-step calls (the same batches, in order), each in its
-    own step marker, so the Profile tab's step time is per training step, not per call of K. The run's
-    first call traces and compiles; it is left out unless the window starts at step 1, and a window that
-    lies wholly inside it moves to the next call (summary.json's `profile.moved_from` says so).
+    Each traced call runs as every other call runs (the same compiled K-step call) inside one profiler step
+    marker, numbered by the call's first optimizer step, that spans fetching its batch and the call. So the
+    Profile tab's "step" is one call of K steps: its step time / K is the time per optimizer step, and
+    `report()` says so. The run's first call traces and compiles: it is left out unless the window starts at
+    step 1 (a window that lies wholly inside it traces the next call instead). Traced calls are kept out of
+    the meter's steady state and out of the `perf/*` scalars.
     """
 
     def __init__(self, run_dir: str, first: int, last: int):
-        self.run_dir, self.first, self.last = run_dir, first, last
+        self.run_dir, self.asked = run_dir, (first, last)
+        self.first, self.last = first, last   # the window still to trace (moves off the compiling call)
         self.active = self.done = False
         self.trace = None
         self.session_dir: str | None = None
-        self.moved_from: tuple[int, int] | None = None
-        self.traced_steps: list[int] = []   # every traced step
+        self.before: set[str] = set()
+        self.calls: list[tuple[int, int, float]] = []   # (first step, last step, seconds) of each traced call
+        self.steps_per_call, self.examples_per_call = 1, 0
+        self.first_call_left_out = False
+        self.untraced = collections.deque(maxlen=RECENT)   # seconds (input wait + call) of the steady calls
+        self.steady_calls = 0
+
+    def on_train_begin(self, loop) -> None:
+        self.steps_per_call, self.examples_per_call = loop.steps_per_call, loop.meter.examples_per_call
+        self.steady_calls = loop.meter.steady_calls
 
     def on_call_begin(self, loop) -> None:
-        k = loop.steps_per_call
+        k = self.steps_per_call
         first_step, last_step = loop.steps_done + 1, loop.steps_done + k
         if loop.meter.calls == 0 and self.first > 1 and first_step <= self.last and last_step >= self.first:
-            if self.last <= last_step:   # the whole window is in the compiling call: trace the next one
-                self.moved_from = (self.first, self.last)
-                self.first, self.last = last_step + 1, last_step + k
+            self.first_call_left_out = True   # it compiles: trace from the next call
+            self.first = last_step + 1
+            self.last = max(self.last, self.first)
             return
         if not self.active and not self.done and first_step <= self.last and last_step >= self.first:
             self.before = set(profile_sessions(self.run_dir))
             tf.profiler.experimental.start(self.run_dir)
             self.active = True
-        if not self.active:
-            return
-        loop.meter.exclude_next_call()
-        if k == 1:   # the marker starts on creation: it spans the batch fetch and the call
-            self.traced_steps.append(first_step)
-            self.trace = tf.profiler.experimental.Trace("train", step_num=first_step, _r=1)
-        else:
-            loop.call_override = lambda batch: self._stepwise(loop.engine, batch, first_step, k)
-
-    def _stepwise(self, engine, batch, first_step: int, k: int) -> dict:
-        totals = None
-        for i in range(k):
-            with tf.profiler.experimental.Trace("train", step_num=first_step + i, _r=1):
-                logs = engine.train_stepwise(tf.nest.map_structure(lambda t: t[i], batch))
-            self.traced_steps.append(first_step + i)
-            totals = logs if totals is None else {name: totals[name] + logs[name] for name in totals}
-        return {name: total / k for name, total in totals.items()}
+        if self.active:
+            loop.meter.exclude_next_call()
+            self.trace = tf.profiler.experimental.Trace("train", step_num=first_step, _r=1)   # starts now
 
     def on_call_end(self, loop, logs) -> None:
-        if self.trace is not None:
-            self.trace.__exit__(None, None, None)
-            self.trace = None
-        if self.active and loop.steps_done >= self.last:
+        meter = loop.meter
+        if meter.steady_calls > self.steady_calls:   # neither the compiling call nor a traced one
+            self.untraced.append(meter.last_wait + meter.last_compute)
+        self.steady_calls = meter.steady_calls
+        if self.trace is None:
+            return
+        self.trace.__exit__(None, None, None)
+        self.trace = None
+        first = loop.steps_done - self.steps_per_call + 1
+        self.calls.append((first, loop.steps_done, meter.last_wait + meter.last_compute))
+        if loop.steps_done >= self.last:
             self.stop()
 
     def on_train_end(self, loop) -> None:
@@ -174,10 +186,36 @@ class ProfileWindow(Callback):
             self.stop()
 
     def stop(self) -> None:
+        if self.trace is not None:   # a run stopped inside a call: its marker ends with the trace
+            self.trace.__exit__(None, None, None)
+            self.trace = None
         tf.profiler.experimental.stop()
         self.active, self.done = False, True
         new = [d for d in profile_sessions(self.run_dir) if d not in self.before]
         self.session_dir = new[-1] if new else None
+
+    def report(self) -> dict:
+        """summary.json's `profile`: the steps asked for and the steps traced (whole calls), one marker per call,
+        the per-step time derived from the traced calls (their host time, as the markers span it: input wait and
+        call, / K) and the untraced steady step over the same span, so what tracing itself costs is in view."""
+        k, asked = self.steps_per_call, list(self.asked)
+        out = {"asked": asked, "steps": asked, "dir": self.session_dir, "calls": len(self.calls),
+               "steps_per_call": k, "markers": [first for first, _, _ in self.calls], "traced_steps": []}
+        if self.first_call_left_out:
+            out["first_call_left_out"] = True
+        if not self.calls:
+            return out
+        call_ms = 1000 * statistics.median(seconds for _, _, seconds in self.calls)
+        out.update(steps=[self.calls[0][0], self.calls[-1][1]],
+                   traced_steps=[step for first, last, _ in self.calls for step in range(first, last + 1)],
+                   call_ms=call_ms, step_time_ms=call_ms / k, examples_per_sec=1000 * self.examples_per_call / call_ms,
+                   step_time_is=f"the Profile tab's step is one compiled call of {k} step{'s' if k > 1 else ''} "
+                                f"(one marker per call, spanning its input wait and the call): its step time / {k} "
+                                f"is the time per optimizer step")
+        if self.untraced:   # the untraced steady step, input wait included as in a marker (medians both)
+            out["steady_step_ms"] = 1000 * statistics.median(self.untraced) / k
+            out["tracing_cost"] = out["step_time_ms"] / out["steady_step_ms"]
+        return out
 
 
 class Observer:
@@ -204,10 +242,7 @@ class Observer:
             "scalars": {"dir": self.run_dir, "view": view},
         }
         if self.window:
-            out["profile"] = {"steps": [self.window.first, self.window.last], "dir": self.window.session_dir,
-                              "traced_steps": self.window.traced_steps, "view": f"{view}  (Profile tab)"}
-            if self.window.moved_from:
-                out["profile"]["moved_from"] = list(self.window.moved_from)
+            out["profile"] = {**self.window.report(), "view": f"{view}  (Profile tab)"}
         return out
 
 
@@ -217,11 +252,11 @@ def utilisation(flops_per_example: float | None, examples_per_sec: float, dtype:
     never above 100%; a run that beats the ceiling says the ceiling was measured low."""
     if not flops_per_example:
         return {}
-    try:
-        top = calibrate.ceiling(dtype, list(step_shapes), measure=measure)
+    achieved = flops_per_example * examples_per_sec / 1e9
+    try:   # a cached ceiling below what the run achieved is measured again
+        top = calibrate.ceiling(dtype, list(step_shapes), measure=measure, achieved=achieved)
     except (calibrate.Unavailable, UsageError) as e:   # no trustworthy ceiling: no figure rather than a wrong one
         return {"utilisation_left_out": str(e)}
-    achieved = flops_per_example * examples_per_sec / 1e9
     out = {"achieved_gflops": achieved, "utilisation": min(achieved / top["gflops"], 1.0),
            "peak": {**top, "dtype": dtype, "threads": calibrate.threads(), "cache": calibrate.cache_path(),
                     "measured_by": f"best of XLA and oneDNN {dtype} matmuls at {calibrate.LARGE}^3 and the step's "
@@ -239,7 +274,7 @@ def final_lines(summary: dict) -> list[str]:
         lines.append(f"utilisation {100 * summary['utilisation']:.0f}%: {summary['achieved_gflops']:,.1f} GFLOP/s "
                      f"({summary['flops_per_example'] / 1e6:.2f} MFLOP/example) of {peak['gflops']:,.0f} GFLOP/s "
                      f"peak ({peak['dtype']} {peak['path']} matmul {peak['shape']}, best of XLA and oneDNN, "
-                     f"{'cached' if peak['cached'] else 'measured now'}"
+                     f"{peak.get('status') or ('cached' if peak['cached'] else 'measured now')}"
                      f"{'; measured low: recalibrate' if peak.get('measured_low') else ''}); "
                      f"step {summary['step_time_ms']:.2f} ms")
     if "traces" in summary:
@@ -252,13 +287,38 @@ def final_lines(summary: dict) -> list[str]:
     if "profile" in summary:
         prof = summary["profile"]
         a, b = prof["steps"]
-        if prof["dir"]:
-            moved = (f" (moved from {prof['moved_from'][0]}-{prof['moved_from'][1]}: the first call compiles; "
-                     f"--profile-steps 1:B includes it)" if prof.get("moved_from") else "")
-            lines.append(f"profile of steps {a}-{b}{moved}: {prof['dir']}  view: {prof['view']}")
+        if prof["dir"] and prof.get("calls"):
+            lines.append(f"profile of steps {a}-{b}{_traced_why(prof)}: {prof['dir']}  view: {prof['view']}")
+            lines.append(profile_step_line(prof))
+        elif prof["dir"]:
+            lines.append(f"profile: {prof['dir']}  view: {prof['view']}")
         else:
             lines.append(f"profile of steps {a}-{b}: not written (the run did not execute those steps)")
     return lines
+
+
+def _traced_why(prof: dict) -> str:
+    """Why the steps traced differ from the steps asked for (whole calls; the compiling call left out)."""
+    (a, b), (first, last), k = prof["asked"], prof["steps"], prof["steps_per_call"]
+    if (a, b) == (first, last):
+        return ""
+    why = ["the first call compiles and is left out (1:B includes it)"] if prof.get("first_call_left_out") else []
+    if k > 1 and (first < a or last > b):
+        why.append(f"whole calls of {k} steps")
+    if last < b:
+        why.append(f"the run stopped after step {last}")
+    return f" (asked {a}-{b}: {'; '.join(why)})"
+
+
+def profile_step_line(prof: dict) -> str:
+    """How to read the Profile tab's step time: one marker per compiled call, so per step is its time / K."""
+    k, calls = prof["steps_per_call"], prof["calls"]
+    steady = (f"; untraced steady {prof['steady_step_ms']:.3f} ms per step: tracing costs {prof['tracing_cost']:.2f}x"
+              if "steady_step_ms" in prof else "")
+    return (f"profile: {calls} call{'s' if calls > 1 else ''} traced as the run runs them, one step marker per call: "
+            f"the Profile tab's step is one call of {k} step{'s' if k > 1 else ''}, so per step = its step time / {k} "
+            f"(traced: {prof['call_ms']:.2f} ms per call, {prof['step_time_ms']:.3f} ms per step, input wait "
+            f"included{steady})")
 
 
 def retrace_warning(summary: dict) -> str | None:
