@@ -362,3 +362,13 @@ def test_a_label_the_loss_cannot_take_in_a_later_cli_batch_is_refused_before_tra
     assert code == 2
     one_line(err, "test[:48]: label 12 outside 0..9")
     assert not (tmp_path / "logs" / "r" / "checkpoints").exists()
+
+
+def test_a_label_out_of_range_given_to_train_on_batch_under_xla_is_one_data_error_line(capfd):
+    x, y = classes()
+    trainer = classifier()
+    trainer.train_on_batch((x[:B], y[:B]))   # builds (and pre-flights) on a good batch
+    bad = y[B:2 * B].copy()
+    bad[3] = 7
+    refused(capfd, "a batch at step 2 has label 7, outside the loss's classes [0, 3)",
+            lambda: trainer.train_on_batch((x[B:2 * B], bad)), exception=fastcore.DataError)

@@ -259,7 +259,7 @@ def test_a_cache_dir_that_is_a_file_is_one_line(data_dir, tmp_path, monkeypatch)
 
 def test_an_unexpected_error_is_exit_70_with_a_saved_traceback(data_dir, tmp_path, monkeypatch):
     from fastcore.cli import plan
-    monkeypatch.setattr(plan, "plan", lambda config, strategy=None: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(plan, "plan", lambda config, strategy=None, data=None: (_ for _ in ()).throw(RuntimeError("boom")))
     code, _, err = cli(data_dir, tmp_path, "--epochs", "1")
     assert code == 70
     line = one_line(err, "internal error: RuntimeError: boom", "traceback saved to")

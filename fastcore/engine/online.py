@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from fastcore.engine import checkpoint
+from fastcore.engine import checkpoint, input_checks
 from fastcore.errors import NonFiniteError, UsageError
 
 
@@ -41,7 +41,8 @@ class OnlineSteps:
                 self.restore(self._pending)
         logs = self.engine.train_one(batch)
         bad = int(self.engine.first_non_finite_step.numpy())   # the one read per call (the guard's verdict)
-        if bad >= 0:
+        if bad >= 0:   # a label the loss cannot take is bad input, not a NaN (XLA gives NaN where kernels refuse)
+            input_checks.labels_of_call(self.engine, batch, 1, bad)
             raise NonFiniteError(bad)
         return {name: float(value) for name, value in logs.items()}
 
