@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
 import tempfile
 
 from fastcore.cli import plan as run, session
@@ -33,3 +34,13 @@ def one_line(err, *expected):
     for text in expected:
         assert text in err[0], err[0]
     return err[0]
+
+
+def stop(process: subprocess.Popen, timeout: float = 15) -> None:
+    """Terminate a server the test started, killing it if it does not end within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)

@@ -9,25 +9,14 @@ import math
 import subprocess
 
 import keras
-import numpy as np
 import pytest
 
 import fastcore
 from fastcore.engine import autoprecision, pathchoice, precision
 from fastcore.engine.precision import Precision
 from fastcore.observe import calibrate, tensorboard, timing
+from test_pathchoice import X, Y, bce, mlp   # the same small model and data
 
-rng = np.random.default_rng(0)
-X = rng.normal(size=(512, 8)).astype("float32")
-Y = (X.sum(axis=1, keepdims=True) > 0).astype("float32")
-
-
-def mlp():
-    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
-
-
-def bce():
-    return keras.losses.BinaryCrossentropy(from_logits=True)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from helpers import train
+from helpers import stop, train
 
 from fastcore.engine.step import Engine
 from fastcore.observe import calibrate, doctor as profile, tensorboard as profiling
@@ -83,12 +83,7 @@ class TensorBoard:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
+        stop(self.process)
         self.log.close()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib import image
 
 import fastcore
+from helpers import stop
 from test_observability import TensorBoard, free_port
 
 EPOCHS = 6
@@ -100,12 +101,7 @@ class HeadlessChromium:
                 self.call("DELETE", f"/session/{self.session}")   # Chromium quits
             except (OSError, AssertionError):
                 pass
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
+        stop(self.process)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)   # any browser process the driver left in its group
         except ProcessLookupError:

@@ -114,8 +114,9 @@ def _main(args: argparse.Namespace, where: dict) -> int:
         return 2
     chief = distribute.is_chief(strategy)
     print(f"{p.task.name}: {data_line(p.train, p.eval)}; "
-          f"{config.model_api}, {p.trainer.run_mode}, {p.precision.name} ({p.precision.reason}), "
-          f"batch {p.batch_size}, {p.steps_per_call} steps/call", flush=True)
+          f"{config.model_api}, {p.trainer.run_mode}, {p.precision.name}, batch {p.batch_size}, "
+          f"{p.steps_per_call} steps/call", flush=True)
+    print(f"precision: {p.precision.name} ({p.precision.reason})", flush=True)   # why, on a line of its own
     print(f"threads: {count or 'all'} intra-op ({threads_why})", flush=True)
     if strategy is not None:
         print(f"distributed: {p.trainer.engine.placement}", flush=True)
