@@ -22,7 +22,7 @@ from fastcore import distribute
 from fastcore.engine.runguard import Signalled
 from fastcore.options import FitOptions, identity_fields
 from fastcore.errors import CheckpointMismatch, Interrupted, NonFiniteError, PeerLost, PreflightError, UsageError
-from fastcore.observe import phases, tensorboard
+from fastcore.observe import phases, tensorboard, timing
 
 EXIT_INTERNAL = 70   # EX_SOFTWARE
 
@@ -175,7 +175,7 @@ def _main(args: argparse.Namespace, where: dict) -> int:
     if tensorboard.retrace_warning(summary):
         print(tensorboard.retrace_warning(summary), file=sys.stderr, flush=True)
     if threads_why.startswith("auto") and summary.get("examples_per_sec"):
-        stale = threads.recheck(config, count, summary["examples_per_sec"] / max(1 - summary["input_wait_share"], 0.01))
+        stale = threads.recheck(config, count, timing.run_rate(summary))
         if stale:
             print(stale, flush=True)
     print(f"summary: {path}", flush=True)

@@ -9,9 +9,10 @@ and one on all, and each times its compiled training call on one batch. The fast
 by a 5% margin) and the answer is cached per machine and run configuration. Budget, measured on a 2-core
 Xeon for the HIGGS task: 25.8 s on a machine's first run (16.4 s of it the machine's matmul peaks, which the
 precision choice needs anyway and every later configuration reuses), about 10 s per child for a new
-configuration, 0 s once cached. Against a neighbour's load: each child times calls for BUDGET_SECONDS and keeps
-the best; when its median call is over NOISY x the best the answer is used but not cached; after the run,
-a steady rate (input wait left out) under CONTRADICTED x the cached one forgets the cached answer (recheck).
+configuration, 0 s once cached. Against a neighbour's load, the rules every auto decision follows
+(fastcore.observe.timing): each child times its call for BUDGET_SECONDS and keeps the fastest repeat; when
+its two fastest lie over timing.SPREAD apart the answer is used but not cached; after the run, a steady rate
+(input wait left out) under timing.AGREE's lower bound of the cached one forgets the cached answer (recheck).
 A cached answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is
 timed again. The children work in one private temp folder, removed when they end.
 Library users set it themselves: tf.config.threading.set_intra_op_parallelism_threads(n) before any op.
@@ -21,19 +22,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 from fastcore import children
-from fastcore.observe import calibrate, phases   # no TensorFlow: both are safe before threads are set
+from fastcore.observe import calibrate, phases, timing   # no TensorFlow: both are safe before threads are set
 
 BUDGET_SECONDS = 1.0
 MIN_CALLS = 5
 MARGIN = 1.05
-NOISY = 1.25        # a child's median call this much slower than its best: a neighbour was busy (used, not cached)
-CONTRADICTED = 0.5  # a run's steady rate under this share of the cached one: the cached choice is timed again
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
 PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
 
@@ -102,7 +99,7 @@ def choose(config) -> tuple[int | None, str]:
         entry = {name: best for name, (best, _) in timed.items()}
         if not _plausible(entry):
             return None, "the step's timing was implausible, so all cores"
-        noisy = [name for name, (best, median) in timed.items() if median > NOISY * best]
+        noisy = [name for name, (best, second) in timed.items() if second > (1 + timing.SPREAD) * best]
         if not noisy:
             calibrate.store(key, entry)
     one, every = entry["one"], entry["all"]
@@ -121,10 +118,11 @@ def recheck(config, count: int | None, examples_per_sec: float | None) -> str | 
     if not examples_per_sec or not _plausible(entry):
         return None
     promised = 1 / entry["one" if count == 1 else "all"]
-    if examples_per_sec >= CONTRADICTED * promised:
+    low = timing.AGREE[0]
+    if examples_per_sec >= low * promised:
         return None
     calibrate.forget(cache_key(config))
-    return (f"threads: this run's {examples_per_sec:,.0f} examples/s is under {CONTRADICTED:.0%} of the "
+    return (f"threads: this run's {examples_per_sec:,.0f} examples/s is under {low:.0%} of the "
             f"{promised:,.0f} timed earlier; the next run times the thread count again")
 
 
@@ -145,13 +143,13 @@ def _plausible(entry) -> bool:
 
 
 def _time_in_child(count: int, fields: dict, scratch: str) -> tuple[float, float]:
-    """(best, median) seconds per example of the run's training call on `count` threads (0: all)."""
+    """(fastest, second fastest) seconds per example of the run's training call on `count` threads (0: all)."""
     done = children.run([sys.executable, "-m", "fastcore.cli.threads", str(count), json.dumps(fields), scratch],
                         timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0:
         raise RuntimeError(f"timing the step for --threads auto failed: {done.stderr.strip()[-300:]}")
-    best, median = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(best), float(median)
+    best, second = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(best), float(second)
 
 
 def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float, float]:
@@ -165,14 +163,11 @@ def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float,
     engine = p.trainer.engine   # built by plan()
     batch = next(iter(p.feed.dataset.take(1)))
     train = engine.train_many if p.steps_per_call > 1 else engine.train_one
-    tf.nest.map_structure(lambda t: t.numpy(), train(batch))
-    times, start = [], time.perf_counter()
-    while len(times) < MIN_CALLS or time.perf_counter() - start < BUDGET_SECONDS:
-        t = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), train(batch))
-        times.append(time.perf_counter() - t)
+    timed = timing.interleaved({"step": lambda: tf.nest.map_structure(lambda t: t.numpy(), train(batch))},
+                               budget=BUDGET_SECONDS, least=MIN_CALLS, most=1000)
     examples = p.batch_size * p.steps_per_call
-    return min(times) / examples, statistics.median(times) / examples
+    best = timed.seconds["step"] / examples
+    return best, best * (1 + timed.spread["step"])
 
 
 if __name__ == "__main__":
