@@ -80,7 +80,9 @@ class Progress(Callback):
         self.epoch_start = self.clock()
 
     def on_call_end(self, loop, logs) -> None:
-        self.first_call.end()
+        if self.first_call:   # once: later calls take no lock
+            self.first_call.end()
+            self.first_call = None
         now, meter = self.clock(), loop.meter
         if meter.steady_calls > self.steady:   # neither the compiling call nor a profiled one
             self.rate.add(now, loop.steps_per_call, meter.last_wait + meter.last_compute)
@@ -110,7 +112,7 @@ class Progress(Callback):
 
     def __exit__(self, *exc) -> None:
         """Ends a redrawn line when the run stops inside an epoch, so what follows starts a line of its own."""
-        if hasattr(self, "first_call"):
+        if getattr(self, "first_call", None):
             self.first_call.end("stopped")
         if self.drawn:
             self.out.write("\n")
