@@ -63,8 +63,9 @@ def test_the_profile_tabs_step_time_is_the_runs_step(fashion):
     assert per_call == pytest.approx(prof["call_ms"], rel=0.2), (per_call, prof["call_ms"])
     # ...and, per step, near the run's untraced steady step over the same span: each traced step was a one-step
     # call of its own before, 5-6x the steady step at batch 32. What is left is the profiler's own cost, which
-    # the run states (1.16-1.36x measured at batch 32 and 1.10-1.31x at batch 256 on a quiet 2-core Xeon).
-    assert per_call / K < 1.6 * prof["steady_step_ms"], (per_call / K, prof["steady_step_ms"])
+    # the run states: 1.16-1.36x at batch 32 and 1.10-1.31x at batch 256 on a quiet 2-core Xeon, 1.83x once on a
+    # busy CI machine. The bound is 3x: it still fails on one-step calls (5-6x), and does not time the machine.
+    assert per_call / K < 3 * prof["steady_step_ms"], (per_call / K, prof["steady_step_ms"])
     # No time the profiling itself made: the per-step Python of one-step calls was 30-44% 'All Others'.
     assert float(overview["p"]["other_time_ms_avg"]) < 0.25 * per_call, overview["p"]
     # Said so: the final line and summary.json give the per-step figure as call / K, and what tracing costs.
