@@ -335,6 +335,19 @@ def test_a_label_out_of_range_in_a_later_batch_under_xla_is_one_data_error_line_
     assert int(trainer.engine.applied.numpy()) == 2   # the guard applied nothing from the bad batch on
 
 
+@pytest.mark.parametrize("k", [None, 1])
+def test_a_label_out_of_range_in_a_later_batch_under_a_strategy_is_the_same_data_error_line(capfd, k):
+    """Under tf.distribute (a one-device MirroredStrategy in-process) the replicas read the global batch, so the
+    label check after the guard's stop reads it as a single device does."""
+    x, y = classes()
+    y = y.copy()
+    y[2 * B + 5] = 7
+    trainer = classifier(steps_per_call=k, strategy=tf.distribute.MirroredStrategy(["/cpu:0"]))
+    refused(capfd, "a batch at step 3 has label 7, outside the loss's classes [0, 3)",
+            lambda: trainer.fit(batches(x, y), epochs=1, verbose=False), exception=fastcore.DataError)
+    assert int(trainer.engine.applied.numpy()) == 2
+
+
 def test_a_nan_under_xla_with_every_label_in_range_is_still_the_guards_stop(capfd):
     x, y = classes()
     x = x.copy()

@@ -152,8 +152,9 @@ class Run:
                 with progress or contextlib.nullcontext():   # a line redrawn in place ends before any other
                     loop.run()
             except NonFiniteLoss as e:
-                if self.strategy is None:   # a label the loss cannot take is bad input, not a NaN (XLA)
-                    input_checks.labels_of_call(engine, e.batch, self.k, e.first_step)
+                # A label the loss cannot take is bad input, not a NaN (XLA). Under a strategy every worker
+                # reads the whole global batch and the guard's verdict is all-reduced: each says the same line.
+                input_checks.labels_of_call(engine, e.batch, self.k, e.first_step)
                 last = checkpoints.latest if checkpoints else None
                 summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
                 report.write(run_dir, summary, say)
