@@ -33,14 +33,20 @@ class PreflightError(FastcoreError):
 
 
 class Interrupted(FastcoreError):
-    """SIGINT or SIGTERM stopped the run after the compiled call in flight; a checkpoint was saved.
+    """SIGINT or SIGTERM stopped the run after the compiled call in flight (a checkpoint was saved), or before
+    the first call when it arrived earlier (`during`, e.g. the pre-flight).
 
     `signal` is "SIGINT" or "SIGTERM", `exit_code` 130 or 143, `summary` the run's summary (marked interrupted).
     """
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str | None, exit_code: int, summary: dict | None = None):
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None, exit_code: int, summary: dict | None = None,
+                 during: str | None = None):
         where = f"checkpoint {checkpoint!r}; continue with --resume" if checkpoint else "no checkpoint (none configured)"
-        super().__init__(f"stopped by {signal_name} at step {step}; {where}")
+        if during:   # before the loop's first call, e.g. in the pre-flight: nothing was trained
+            where = f"the newest checkpoint is {checkpoint!r}" if checkpoint else "no checkpoint was written"
+            super().__init__(f"stopped by {signal_name} during {during}, before step {step + 1}; {where}")
+        else:
+            super().__init__(f"stopped by {signal_name} at step {step}; {where}")
         self.signal, self.step, self.checkpoint, self.exit_code, self.summary = (
             signal_name, step, checkpoint, exit_code, summary)
 

@@ -9,6 +9,12 @@ removes at the end, however they ended. The exit code is the chief's (see fastco
 ends by a signal is named in one line with its cause: what the signal means, who sent it, and the last
 telling line of its stderr (e.g. "Resource temporarily unavailable": a limit on threads was reached).
 
+TensorFlow's server listens on every interface whatever TF_CONFIG says, so by default (--network private)
+the launcher first moves itself into a private network namespace (fastcore.netns) that every worker
+inherits: their only interface is its loopback, so no one outside reaches their servers, and they have no
+network access. With --network host, or when the kernel refuses the namespace, the workers share the host's
+network and each server keeps a loopback-only socket filter (fastcore.serverguard); one line says which.
+
 On several machines, run `python -m fastcore.train <args> --strategy multi-worker` on each with a
 TF_CONFIG naming every worker's host:port and its own index (README shows one).
 Imports no TensorFlow.
@@ -29,6 +35,8 @@ import tempfile
 import threading
 import time
 
+from fastcore import netns
+
 STOP_TIMEOUT = 10.0
 
 
@@ -42,6 +50,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT, metavar="S",
                    help="after a worker fails (or a SIGINT/SIGTERM here), seconds the others get to end by "
                    "themselves, then as long again after SIGTERM before SIGKILL (default: %(default)s)")
+    p.add_argument("--network", choices=("private", "host"), default="private",
+                   help="private: the workers run in a network namespace of their own whose only interface is its "
+                   "loopback, so nothing outside it can reach their (unauthenticated) TensorFlow servers; they have "
+                   "NO network access: download tfds data beforehand or give --data-dir. host: the machine's network "
+                   "(e.g. for workers that download), their servers kept to loopback connections by a socket "
+                   "filter; also used, with one line saying why, when the kernel refuses a private namespace "
+                   "(default: %(default)s)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS",
                    help="arguments for python -m fastcore.train, after --")
     return p
@@ -64,6 +79,22 @@ def free_ports(count: int) -> list[int]:
 def tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                        "task": {"type": "worker", "index": index}})
+
+
+FILTERED = "their servers accept connections from loopback addresses only (a socket filter)"
+
+
+def isolate(network: str) -> str:
+    """Move this launcher, so every worker it will start, into a private network when asked and allowed (before
+    any worker or port exists; the launcher is still single-threaded, as a user namespace needs). The line
+    saying which protection the workers' servers have."""
+    if network == "host":
+        return f"network: the host's (--network host); {FILTERED}"
+    refused = netns.private_loopback()
+    if refused:
+        return f"network: the host's, a private one was refused ({refused}); {FILTERED}"
+    return ("network: private (the workers' only interface is their own loopback: nothing outside reaches their "
+            "servers; they have no network access)")
 
 
 def _die_with_parent() -> None:
@@ -205,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     if not train_args:
         print("fastcore-launch: error: no training arguments: give them after --, e.g. -- --dataset higgs",
               file=sys.stderr)
+        return 2
+    try:
+        print(f"fastcore-launch: {isolate(args.network)}", file=sys.stderr, flush=True)
+    except netns.Stranded as e:
+        print(f"fastcore-launch: error: {e}", file=sys.stderr)
         return 2
     # The workers' temp directory: removed below however they end (a worker killed by a signal cannot clean up).
     scratch = tempfile.mkdtemp(prefix="fastcore-launch-")

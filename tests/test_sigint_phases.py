@@ -5,7 +5,8 @@ Each test starts `python -m fastcore.train` in a process group of its own, with 
 outside in /proc (a module's import mapped, a temp file, a child process, a compiled call's thread), and
 sends SIGINT to the whole group, as a terminal's Ctrl-C does. Then: exit 130, exactly one line on stderr
 naming the phase, no traceback, no process of the group left, nothing left in TMPDIR.
-(Ctrl-C during --verify and in training: tests/test_trust_files.py, tests/test_faults.py.)
+(Ctrl-C during --verify and in training: tests/test_trust_files.py, tests/test_faults.py. During the pre-flight the
+signal is kept until its compile ends, then the run stops before its first step.)
 """
 import gzip
 import json
@@ -164,3 +165,16 @@ def test_during_the_report_while_the_peak_is_measured(tmp_path, data_dir):
                          parse_constant=lambda name: pytest.fail(f"bare {name} in summary.json"))
     assert summary["steps"] == 32 and summary["checkpoint"].endswith("ckpt-32") and summary["checkpoint"] in line
     assert "the matmul calibration was stopped by SIGINT" in summary["utilisation_left_out"]
+
+
+def test_during_the_pre_flight(tmp_path, data_dir):
+    """The signal is kept until the pre-flight ends (its compile runs on a helper thread), then the run stops before
+    its first step. HIGGS' 4x512 MLP compiles for ~2-4 s on 2 cores, over the 1 s after which the phase announces
+    itself, which is how the test sees the run is in it."""
+    run = Run(tmp_path, "--dataset", "higgs", "--train-split", "train[:2000]", "--eval-split", "train[2000:2500]",
+              "--data-dir", data_dir, "--threads", "1", "--precision", "float32")
+    run.wait_until(lambda: any(line.startswith("pre-flight: compiled and eager on the first batch") for line in run.out))
+    one_line(run.ctrl_c(), "fastcore-train: stopped by SIGINT during the pre-flight, before step 1; no checkpoint was written")
+    run.ended_cleanly()
+    checkpoints = tmp_path / "logs" / "r" / "checkpoints"
+    assert not checkpoints.exists() or os.listdir(checkpoints) == []   # no step was taken, none saved

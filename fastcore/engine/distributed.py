@@ -88,14 +88,41 @@ class DistributedEngine(Engine):
         return logs, {name: [g for g, _ in pairs] for name, pairs in grads.items()}, sums
 
     def compute_checked(self, batch, phase: int = 0, draws: int = 0):
-        """Run the step on every replica's slice; all-reduce the finiteness sum (one branch everywhere)."""
+        """Run the step on every replica's slice; all-reduce the finiteness sum (one branch everywhere) and
+        the logs, packed into one collective (see _reduce_packed)."""
         logs, grads, sums = self.strategy.run(lambda b: self._replica_gradients(self._slice(b)), args=(batch,))
-        finite = tf.math.is_finite(self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None))
-        reduced = {}
-        for name, value in logs.items():
-            op = tf.distribute.ReduceOp.SUM if name in self.loss_names else tf.distribute.ReduceOp.MEAN
-            reduced[name] = self.strategy.reduce(op, value, axis=None)
-        return reduced, grads, finite
+        reduced, finite = self._reduce_packed(logs, sums)
+        return reduced, grads, tf.math.is_finite(finite)
+
+    def _reduce_packed(self, logs: dict, sums) -> tuple[dict, tf.Tensor]:
+        """The finiteness sum and every float log of known shape summed over replicas in ONE all-reduce of a
+        float32 vector; losses stay sums, other logs become means (sum / replicas, as ReduceOp.MEAN does).
+        Why: TensorFlow's collective runtime keeps ~1.6 MB of native memory per 1,000 collective calls, so a
+        2-log step made 4 per step (a worker's RSS grew ~7-8 MB per 1,000 steps); packed, it makes 2 (this and
+        the optimizer's gradient all-reduce). A log of another dtype or an unknown shape is reduced alone."""
+        def local(value):
+            return self.strategy.experimental_local_results(value)[0]
+        packable = [name for name, value in logs.items()
+                    if local(value).dtype.is_floating and local(value).shape.is_fully_defined()]
+        shapes = {name: local(logs[name]).shape for name in packable}
+
+        def pack(sums, *values):
+            return tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in (sums, *values)], 0)
+        packed = self.strategy.run(pack, args=(sums, *[logs[name] for name in packable]))
+        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, packed, axis=None)
+        reduced, offset = {}, 1
+        for name in logs:
+            if name not in shapes:
+                op = tf.distribute.ReduceOp.SUM if name in self.loss_names else tf.distribute.ReduceOp.MEAN
+                reduced[name] = self.strategy.reduce(op, logs[name], axis=None)
+                continue
+            size = shapes[name].num_elements()
+            value = tf.reshape(total[offset:offset + size], shapes[name])
+            offset += size
+            if name not in self.loss_names:
+                value = value / self.replicas
+            reduced[name] = tf.cast(value, local(logs[name]).dtype)
+        return reduced, total[0]
 
     def _apply(self, grads) -> None:
         """apply_gradients in replica context: the Keras optimizer all-reduces (sums) the gradients."""

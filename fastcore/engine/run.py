@@ -148,6 +148,9 @@ class Run:
                     raise DataError(f"a batch of the first call was refused by TensorFlow: {_what_is_wrong(e)}") from None
                 summary["preflight"] = result.to_json()
                 say(result.line())
+                if loop.should_stop():   # a signal while it compiled (every worker agrees): no step is taken
+                    name, code = _signal_of(stop)
+                    raise Interrupted(name, start, stop.latest_checkpoint(), code, during="the pre-flight")
             try:
                 with progress or contextlib.nullcontext():   # a line redrawn in place ends before any other
                     loop.run()
@@ -172,9 +175,7 @@ class Run:
                 if observer and observer.window:
                     observer.window.on_train_end(loop)   # a trace in progress is written, not lost
                 latest = checkpoints.latest if checkpoints else None
-                # A worker whose peer got the signal stops at the same call (any_worker), as if it got SIGTERM.
-                name, code = (stop.name, runguard.EXIT_CODES[stop.received]) if stop.received else (
-                    "SIGTERM (on another worker)", runguard.EXIT_CODES[signal.SIGTERM])
+                name, code = _signal_of(stop)
                 summary["interrupted"] = {"signal": name, "step": loop.steps_done, "checkpoint": latest}
                 self._fill(summary, loop, checkpoints, observer, say, measure_peak=False)
                 report.write(run_dir, summary, say)
@@ -292,3 +293,11 @@ def _what_is_wrong(error: tf.errors.OpError) -> str:
     ends = [i for i, line in enumerate(lines) if line.startswith("[[")]
     line = lines[ends[0] - 1] if ends and ends[0] > 0 else (lines[0] if lines else type(error).__name__)
     return line.split("}} ", 1)[-1].split("  Label values:")[0].strip()
+
+
+def _signal_of(stop: runguard.StopSignals) -> tuple[str, int]:
+    """The signal that stops the run and its exit code. A worker whose peer got the signal stops at the same
+    call (any_worker), as if it got SIGTERM."""
+    if stop.received:
+        return stop.name, runguard.EXIT_CODES[stop.received]
+    return "SIGTERM (on another worker)", runguard.EXIT_CODES[signal.SIGTERM]
