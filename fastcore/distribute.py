@@ -136,8 +136,10 @@ def strategy(kind: str, devices: int | None = None, peer_timeout: float = PEER_T
     check_port_free(address)
     if devices is not None:
         use_devices(devices)
-    # Only when every worker is here: a multi-host cluster's peers connect from addresses this cannot know.
-    port = int(address.rpartition(":")[2]) if serverguard.local_cluster(spec["workers"]) else 0
+    # Only when every worker is here: a multi-host cluster's peers connect from addresses this cannot know;
+    # and not in a namespace with loopback alone (the launcher's private network), where none is needed.
+    guarded = serverguard.local_cluster(spec["workers"]) and not serverguard.isolated()
+    port = int(address.rpartition(":")[2]) if guarded else 0
     with _deadline(peer_timeout, f"not every worker of TF_CONFIG ({', '.join(spec['workers'])}) joined within "
                                  f"{peer_timeout:g} s", guard_port=port):
         made = tf.distribute.MultiWorkerMirroredStrategy()

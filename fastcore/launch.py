@@ -13,7 +13,8 @@ TensorFlow's server listens on every interface whatever TF_CONFIG says, so by de
 the launcher first moves itself into a private network namespace (fastcore.netns) that every worker
 inherits: their only interface is its loopback, so no one outside reaches their servers, and they have no
 network access. With --network host, or when the kernel refuses the namespace, the workers share the host's
-network and each server keeps a loopback-only socket filter (fastcore.serverguard); one line says which.
+network and each server gets a loopback-only socket filter (fastcore.serverguard) where the kernel allows
+it (recent kernels: only with CAP_NET_ADMIN); one line says which protection is in force.
 
 On several machines, run `python -m fastcore.train <args> --strategy multi-worker` on each with a
 TF_CONFIG naming every worker's host:port and its own index (README shows one).
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import time
 
-from fastcore import netns
+from fastcore import netns, serverguard
 
 STOP_TIMEOUT = 10.0
 
@@ -55,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    "loopback, so nothing outside it can reach their (unauthenticated) TensorFlow servers; they have "
                    "NO network access: download tfds data beforehand or give --data-dir. host: the machine's network "
                    "(e.g. for workers that download), their servers kept to loopback connections by a socket "
-                   "filter; also used, with one line saying why, when the kernel refuses a private namespace "
-                   "(default: %(default)s)")
+                   "filter where the kernel allows it (recent kernels: root or CAP_NET_ADMIN only); also used, "
+                   "with one line saying why, when the kernel refuses a private namespace (default: %(default)s)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS",
                    help="arguments for python -m fastcore.train, after --")
     return p
@@ -81,20 +82,22 @@ def tf_config(ports: list[int], index: int) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
-FILTERED = "their servers accept connections from loopback addresses only (a socket filter)"
-
-
 def isolate(network: str) -> str:
     """Move this launcher, so every worker it will start, into a private network when asked and allowed (before
     any worker or port exists; the launcher is still single-threaded, as a user namespace needs). The line
     saying which protection the workers' servers have."""
     if network == "host":
-        return f"network: the host's (--network host); {FILTERED}"
-    refused = netns.private_loopback()
-    if refused:
-        return f"network: the host's, a private one was refused ({refused}); {FILTERED}"
-    return ("network: private (the workers' only interface is their own loopback: nothing outside reaches their "
-            "servers; they have no network access)")
+        network = "the host's (--network host)"
+    else:
+        refused = netns.private_loopback()
+        if not refused:
+            return ("network: private (the workers' only interface is their own loopback: nothing outside reaches "
+                    "their servers; they have no network access)")
+        network = f"the host's, a private one was refused ({refused})"
+    unfiltered = serverguard.refusal()
+    if unfiltered:
+        return f"network: {network}; their servers are OPEN to every interface: {unfiltered}"
+    return f"network: {network}; their servers accept connections from loopback addresses only (a socket filter)"
 
 
 def _die_with_parent() -> None:

@@ -9,7 +9,10 @@ packet whose source is not a loopback address, so a connection from elsewhere ne
 handshake; accepted connections inherit the filter. The join watchdog attaches it from outside (through
 pidfd_getfd) as soon as the socket exists, while TensorFlow's constructor waits for the peers holding the
 GIL; after the constructor it is attached again here and any connection from elsewhere made before is
-shut. Linux only; the socket table still shows the wildcard address.
+shut. Linux only; the socket table still shows the wildcard address. Recent kernels (6.18 here) attach a
+filter to a TCP socket only with CAP_NET_ADMIN: `refusal()` says so beforehand. The launcher relies on it
+with --network host, or when its private network (fastcore.netns) is refused; inside that network, whose
+only interface is loopback, no filter is needed (`isolated()`).
 """
 from __future__ import annotations
 
@@ -67,6 +70,28 @@ def _program() -> list[tuple[int, int, int, int]]:
 _CODE = b"".join(struct.pack("HBBI", *i) for i in _program())
 _BUFFER = ctypes.create_string_buffer(_CODE, len(_CODE))
 FILTER = struct.pack("HL", len(_CODE) // 8, ctypes.addressof(_BUFFER))   # struct sock_fprog
+
+
+def refusal() -> str | None:
+    """Why this process could not attach the filter to a TCP socket, or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, FILTER)
+    except OSError as e:
+        return (f"the kernel refused the loopback-only socket filter ({e.strerror or e}: recent kernels require "
+                "CAP_NET_ADMIN for it)")
+    return None
+
+
+def isolated() -> bool:
+    """Whether this process's network namespace has no interface but loopback: a wildcard server there is
+    reachable from nowhere else."""
+    try:
+        with open("/proc/self/net/dev") as f:
+            names = [row.split(":")[0].strip() for row in f.read().splitlines()[2:]]
+    except OSError:
+        return False
+    return names == ["lo"]
 
 
 def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -28,10 +28,10 @@ TASKS = {
 }
 
 
-def train(data_dir, logdir, *args, env=None, launcher_workers=0, **popen):
-    """A subprocess: fastcore.train, or fastcore.launch --workers N -- <args>."""
-    head = ([sys.executable, "-m", "fastcore.launch", "--workers", str(launcher_workers), "--"] if launcher_workers
-            else [sys.executable, "-m", "fastcore.train"])
+def train(data_dir, logdir, *args, env=None, launcher_workers=0, launcher_args=(), **popen):
+    """A subprocess: fastcore.train, or fastcore.launch --workers N [launcher_args] -- <args>."""
+    head = ([sys.executable, "-m", "fastcore.launch", "--workers", str(launcher_workers), *launcher_args, "--"]
+            if launcher_workers else [sys.executable, "-m", "fastcore.train"])
     command = [*head, "--precision", "float32", *args, "--data-dir", data_dir, "--logdir", str(logdir)]   # args win
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
@@ -98,7 +98,10 @@ def test_a_killed_worker_ends_the_run_in_one_line_and_resume_matches_an_uninterr
     assert code == 0, err[-10:]
 
     cut = tmp_path / "cut"
-    proc = train(data_dir, cut, *flags, launcher_workers=2)
+    # The chief notices the lost peer by TensorFlow's heartbeat, 9.0-9.4 s after the kill on a loaded 2-core
+    # machine: the launcher's grace for the others to end by themselves (default 10 s) is raised well above it,
+    # so the chief's own line and code are what is tested, not the launcher's SIGTERM.
+    proc = train(data_dir, cut, *flags, launcher_workers=2, launcher_args=("--stop-timeout", "40"))
     deadline = time.time() + TIMEOUT
     while not (os.path.isdir(cut / "r" / "checkpoints") and newest_checkpoint(cut / "r")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -112,7 +115,7 @@ def test_a_killed_worker_ends_the_run_in_one_line_and_resume_matches_an_uninterr
     assert code == 4   # the chief's code: a worker was lost
     lost = [line for line in err if line.startswith("[worker 0] fastcore-train: stopped: a worker was lost")]
     assert len(lost) == 1 and "continue with --resume" in lost[0] and "Traceback" not in "\n".join(err), err
-    assert ended_within < 30 + 10, f"the run took {ended_within:.1f} s to end after the kill"
+    assert ended_within < 30 + 40, f"the run took {ended_within:.1f} s to end after the kill"
     for pid in workers:   # no orphan
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     step = int(lost[0].split("at step ")[1].split()[0])

@@ -1,5 +1,5 @@
-"""The distributed runner under trust: who may reach a worker's TensorFlow server (the socket table, IPv4 and
-IPv6, while a run is up), a long 2-worker run with flat threads and descriptors (the soak), a stuck or
+"""The distributed runner under trust: who may reach a worker's TensorFlow server (its private network; with
+--network host, or a private network refused, the socket table, IPv4 and IPv6, while a run is up), a long 2-worker run with flat threads and descriptors (the soak), a stuck or
 crashed worker named in one line, the non-chief worker's private checkpoint folder, and stale `ckpt-N_temp`
 folders. Every run is a real `python -m fastcore.launch` subprocess, bounded by a timeout."""
 import ctypes
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from fastcore import launch
+from fastcore import launch, serverguard
 from fastcore.engine import runguard
 
 SOAK_STEPS = 3000   # batch 10 of the line task's 1,000 rows: 100 steps an epoch, one compiled call a step
@@ -37,8 +37,8 @@ def no_run_outlives_its_test():
 class Run:
     """A launcher subprocess whose output is read as it comes; `workers` are its children."""
 
-    def __init__(self, data_dir, logdir, *args, env=None, launcher=()):
-        command = [sys.executable, "-m", "fastcore.launch", "--workers", "2", *launcher, "--", "--precision", "float32",
+    def __init__(self, data_dir, logdir, *args, env=None, launcher=(), entry=("-m", "fastcore.launch")):
+        command = [sys.executable, *entry, "--workers", "2", *launcher, "--", "--precision", "float32",
                    "--no-preflight", "--threads", "all", *args, "--data-dir", data_dir, "--logdir", str(logdir)]
         self.proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
@@ -164,25 +164,32 @@ def reaches(address, port, timeout=1.5):
         return False
 
 
-def test_worker_servers_answer_only_this_machine_while_a_run_is_up(soak):
-    """TensorFlow 2.21 binds its gRPC server to the wildcard address whatever TF_CONFIG says; fastcore's kernel
-    filter must leave it reachable from loopback only: a connection from this machine's external IPv4 and IPv6
-    addresses (where an outside attacker's would arrive) never completes."""
+def interfaces(pid):
+    """The network interfaces of `pid`'s network namespace."""
+    with open(f"/proc/{pid}/net/dev") as f:
+        return [row.split(":")[0].strip() for row in f.read().splitlines()[2:]]
+
+
+def test_worker_servers_are_in_a_private_network_while_a_run_is_up(soak):
+    """TensorFlow 2.21 binds its gRPC server to the wildcard address whatever TF_CONFIG says; the launcher runs
+    both workers in one network namespace of their own whose only interface is its loopback, so from here (the
+    machine's namespace) nothing listens on the worker's port: not on this machine's external IPv4 and IPv6
+    addresses, nor on 127.0.0.1 and ::1. (The run completing is the next test's.)"""
     soak.wait_for_step(200)
+    assert soak.err[0].startswith("fastcore-launch: network: private"), soak.err[:3]
     externals = external_addresses()
     assert externals, "this test needs a non-loopback address to connect from"
+    ours = os.readlink("/proc/self/ns/net")
+    spaces = set()
     for pid in soak.workers():
-        sockets = listening(pid)
+        spaces.add(os.readlink(f"/proc/{pid}/ns/net"))
+        assert interfaces(pid) == ["lo"], (pid, interfaces(pid))
+        sockets = listening(pid)   # the worker's own namespace's socket table
         assert sockets, f"worker {pid} has no listening socket"
         for address, port in sockets:
-            if address in ("127.0.0.1", "::1"):
-                continue
-            assert address in ("0.0.0.0", "::"), (address, port)
-            loopbacks = ["127.0.0.1", "::1"] if address == "::" else ["127.0.0.1"]
-            assert all(reaches(a, port) for a in loopbacks), (pid, address, port)   # the workers' own path
-            for outside in externals:
-                if address == "::" or ":" not in outside:
-                    assert not reaches(outside, port), f"worker {pid}'s server {address}:{port} answered {outside}"
+            for outside in ["127.0.0.1", "::1", *externals]:
+                assert not reaches(outside, port), f"worker {pid}'s server {address}:{port} answered {outside}"
+    assert len(spaces) == 1 and ours not in spaces, (ours, spaces)   # one namespace, shared, not ours
 
 
 def test_a_long_two_worker_run_holds_threads_and_descriptors_flat(soak):
@@ -212,6 +219,56 @@ def test_the_non_chief_worker_saves_into_one_private_folder_kept_for_the_run(soa
     assert mode == "0o40700", mode   # a directory (not a symlink), private to the user
     assert len(list((soak.tmp.parent / "logs" / "r" / "checkpoints").glob("ckpt-*.index"))) == 3
     assert list(soak.tmp.iterdir()) == []   # the worker's folder, and the launcher's TMPDIR for the workers, removed
+
+
+def refused_launch():
+    """`python -c <this> ARGS`: the launcher whose unshare(2) fails with EPERM (a kernel refusing namespaces)."""
+    return ("import ctypes, errno, sys\n"
+            "from fastcore import launch, netns\n"
+            "class Refusing:\n"
+            "    def unshare(self, flags):\n"
+            "        ctypes.set_errno(errno.EPERM)\n"
+            "        return -1\n"
+            "netns._libc = Refusing()\n"
+            "sys.exit(launch.main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("how", ["network host", "private refused"])
+def test_worker_servers_on_the_host_network_answer_only_this_machine(data_dir, tmp_path, how):
+    """With --network host, or when the kernel refuses a private network, the workers share this namespace and
+    fastcore's kernel filter leaves their wildcard servers reachable from loopback only: a connection from this
+    machine's external IPv4 and IPv6 addresses (where an outside attacker's would arrive) never completes. Where
+    this kernel refuses the filter itself (recent kernels without CAP_NET_ADMIN), the launcher's line says the
+    servers are open, and they are."""
+    (tmp_path / "tmp").mkdir()
+    host = how == "network host"
+    run = Run(data_dir, tmp_path / "logs", "--dataset", "line", "--batch-size", "10", "--steps-per-call", "1",
+              "--epochs", "400", launcher=["--network", "host"] if host else [],
+              entry=("-m", "fastcore.launch") if host else ("-c", refused_launch()), env={"TMPDIR": str(tmp_path / "tmp")})
+    run.wait_for_step(20)
+    line = run.err[0]
+    assert line.startswith("fastcore-launch: network: the host's" + (" (--network host)" if host else
+                           ", a private one was refused (unshare(CLONE_NEWUSER|CLONE_NEWNET): Operation not permitted")), line
+    unfiltered = serverguard.refusal()   # this user, on this kernel
+    assert line.endswith("loopback addresses only (a socket filter)") != bool(unfiltered), (line, unfiltered)
+    externals = external_addresses()
+    assert externals, "this test needs a non-loopback address to connect from"
+    for pid in run.workers():
+        assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+        sockets = listening(pid)
+        assert sockets, f"worker {pid} has no listening socket"
+        for address, port in sockets:
+            if address in ("127.0.0.1", "::1"):
+                continue
+            assert address in ("0.0.0.0", "::"), (address, port)
+            loopbacks = ["127.0.0.1", "::1"] if address == "::" else ["127.0.0.1"]
+            assert all(reaches(a, port) for a in loopbacks), (pid, address, port)   # the workers' own path
+            for outside in externals:
+                if address == "::" or ":" not in outside:
+                    assert reaches(outside, port) == bool(unfiltered), f"{pid}'s {address}:{port} from {outside}"
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish()
+    assert code == 143 and not any("Traceback" in e for e in err), err[-10:]
 
 
 def test_a_stale_ckpt_temp_folder_is_removed_only_by_the_run_holding_the_lock(data_dir, tmp_path):

@@ -98,8 +98,9 @@ class DistributedEngine(Engine):
         """The finiteness sum and every float log of known shape summed over replicas in ONE all-reduce of a
         float32 vector; losses stay sums, other logs become means (sum / replicas, as ReduceOp.MEAN does).
         Why: TensorFlow's collective runtime keeps ~1.6 MB of native memory per 1,000 collective calls, so a
-        2-log step made 4 per step (a worker's RSS grew ~7-8 MB per 1,000 steps); packed, it makes 2 (this and
-        the optimizer's gradient all-reduce). A log of another dtype or an unknown shape is reduced alone."""
+        step of the `line` task made 4; packed, 2 (this and the optimizer's gradient all-reduce). Measured over
+        4,000 steps of 2 workers: RSS growth 4.27 -> 2.41 MB per 1,000 steps (worker), 8.65 -> 7.01 (chief). A
+        log of another dtype or of an unknown shape is reduced alone."""
         def local(value):
             return self.strategy.experimental_local_results(value)[0]
         packable = [name for name, value in logs.items()
