@@ -53,7 +53,7 @@ class Trainer:
       mode: auto (default: XLA and a plain graph, each with one and with K steps per call, timed on the
         run's first batches, the fastest kept; see fastcore.engine.pathchoice) | xla
         (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
-      steps_per_call: K optimizer steps per compiled call (default: about 8k examples, at most 64,
+      steps_per_call: K optimizer steps per compiled call (default: about 8k examples, at most 128,
         dividing the epoch; 1 for a convnet under mode="xla").
       seed: for fastcore's data order, `ctx.seed()` and the weights of factory-built models.
       preflight: compare compiled and eager on the first batch before training (default True).
