@@ -2,7 +2,9 @@
 
 Per family: Keras `fit` as a plain graph and with `jit_compile=True`, each at 1 and 32 steps per
 execution (the best of the four is "Keras best"); fastcore's default (`mode="auto"`: it times its
-compiled paths on the first batches and keeps the fastest) and its `mode="xla"` and `mode="graph"`.
+compiled paths on the first batches and keeps the fastest) and its `mode="xla"` and `mode="graph"`;
+for a model of Dense layers only (the two MLPs), the dots ceiling (`DotsCeiling`: the step's matrix
+products alone, the most any training step of those shapes can reach).
 Rounds are interleaved (each runner trains about `round_seconds` per round, the order rotating), so
 a neighbour's load hits every runner alike; a runner's figure is the median of its rounds. Data are
 seeded synthetic arrays of the real shapes. JAX + optax (`../shared/tools/jax_anchor.py`, the two
@@ -217,6 +219,70 @@ class Fastcore:
         return f"{self.trainer.run_mode} K={self.k}"
 
 
+class DotsCeiling:
+    """The honest ceiling of a Dense-only model's step: a compiled K-step loop of ONLY its matrix products,
+    in the model's own shapes and dtype (per layer: forward x@W, input gradient dY@W^T but for the first
+    layer, weight gradient x^T@dY), with no activation, loss, optimizer or input cost. A big square matmul
+    is no ceiling for a batch-32 step; this is. Each step's weight gradients are added (scaled far down) to
+    the carried weights, so every product feeds the next step and XLA can neither hoist nor drop one."""
+
+    name = "dots_ceiling"   # its own interleave group: never Keras best nor fastcore
+    SCALE = 1e-6            # keeps the carried weights near their start over K steps (no overflow, no denormals)
+
+    def __init__(self, family: Family, x, kernels: list, k: int, round_seconds: float):
+        self.family, self.k = family, k
+        dtype = kernels[0].dtype
+        self.x = tf.constant(x[:family.batch_size], dtype)
+        self.kernels = kernels
+        self.fn = tf.function(self._steps, jit_compile=True)
+        start = time.perf_counter()
+        self._calls(1)   # trace + compile
+        first = time.perf_counter() - start
+        call = self._timed(1)
+        self.compile_seconds = max(first - call, 0.0)
+        self.calls = max(1, round(round_seconds / call))
+        self.rates: list[float] = []
+
+    def _steps(self, x, kernels):
+        scale = tf.constant(self.SCALE / self.family.batch_size, x.dtype)
+
+        def step(i, weights):
+            h = [x]
+            for w in weights:
+                h.append(tf.matmul(h[-1], w))
+            dy, updated = h[-1], list(weights)
+            for n in reversed(range(len(weights))):
+                updated[n] = weights[n] - scale * tf.matmul(h[n], dy, transpose_a=True)
+                if n:
+                    dy = tf.matmul(dy, weights[n], transpose_b=True)
+            return i + 1, updated
+
+        _, weights = tf.while_loop(lambda i, _: i < self.k, step, (tf.constant(0), list(kernels)))
+        return tf.add_n([tf.reduce_sum(w) for w in weights])
+
+    def _calls(self, n: int) -> float:
+        for _ in range(n):
+            out = self.fn(self.x, self.kernels)
+        return float(out)
+
+    def _timed(self, n: int) -> float:
+        start = time.perf_counter()
+        self._calls(n)
+        return (time.perf_counter() - start) / n
+
+    def round(self) -> None:
+        self.rates.append(self.k * self.family.batch_size / self._timed(self.calls))
+
+
+def dense_kernels(model: keras.Model) -> list[tf.Tensor] | None:
+    """A model's Dense kernels (first layer first) as fixed tensors, or None unless it is made of Dense layers
+    only: only then is its step nothing but those matrix products and elementwise work."""
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers or not all(isinstance(layer, keras.layers.Dense) for layer in layers):
+        return None
+    return [tf.constant(keras.ops.convert_to_numpy(layer.kernel)) for layer in layers]
+
+
 def keras_dataset(x, y, batch_size: int) -> tf.data.Dataset:
     """Keras fit's best input: seeded random batches gathered in tf.data, prefetched, never refilled."""
     n, xs, ys = len(x), tf.constant(x), tf.constant(y)
@@ -230,11 +296,17 @@ FASTCORE_MODES = ["auto", "xla", "graph"]
 
 
 def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, modes=FASTCORE_MODES) -> list:
-    """Every runner of one family, each compiled and sized (data drawn once, seeded)."""
+    """Every runner of one family, each compiled and sized (data drawn once, seeded); the dots ceiling (Dense-only
+    models) runs at the K fastcore's default picked."""
     x, y = family.arrays(np.random.default_rng(SEED), family.examples)
     dataset = keras_dataset(x, y, family.batch_size)
-    return ([KerasFit(family, dataset, jit, spe, round_seconds) for jit, spe in fit_variants] +
-            [Fastcore(family, x, y, mode, round_seconds) for mode in modes])
+    fit = [KerasFit(family, dataset, jit, spe, round_seconds) for jit, spe in fit_variants]
+    fast = [Fastcore(family, x, y, mode, round_seconds) for mode in modes]
+    keras.utils.set_random_seed(SEED)
+    kernels = dense_kernels(family.build())
+    default = next((r for r in fast if r.name == "fastcore_auto"), None)
+    ceiling = [DotsCeiling(family, x, kernels, default.k, round_seconds)] if kernels and default else []
+    return fit + fast + ceiling
 
 
 OUT_OF_RACE = 3.0   # after the first round, a runner this many times slower than its group's fastest stops
@@ -242,7 +314,7 @@ OUT_OF_RACE = 3.0   # after the first round, a runner this many times slower tha
 
 def interleave(runners: list, rounds: int, keep: str = "fastcore_auto") -> dict[str, float]:
     """{runner: median examples/s}: one round of each runner in turn, the order rotating every round. A runner
-    far behind the fastest of its group (keras_ or fastcore_; XLA around convolutions: a round of 32 steps
+    far behind the fastest of its group (keras_, fastcore_ or dots_; XLA around convolutions: a round of 32 steps
     took 20 s) keeps its first round's figure, which cannot make it its group's best; `keep` (the gated
     default) runs every round."""
     def group(runner):
