@@ -178,7 +178,34 @@ class KerasFit:
         self.rates.append(self.steps * self.family.batch_size / self._fit(self.steps))
 
 
-class Fastcore:
+class _CompiledCalls:
+    """A runner timing a compiled call of K steps of `family.batch_size` examples: `_calls(n)` runs n calls and
+    reads a result back (the host sync that ends the timing); `_size` compiles and sizes a round."""
+    family: Family
+    k: int
+
+    def _calls(self, n: int) -> float:
+        raise NotImplementedError
+
+    def _size(self, round_seconds: float) -> None:
+        start = time.perf_counter()
+        self._calls(1)   # trace + compile
+        first = time.perf_counter() - start
+        call = self._timed(1)
+        self.compile_seconds = max(first - call, 0.0)
+        self.calls = max(1, round(round_seconds / call))
+        self.rates: list[float] = []
+
+    def _timed(self, n: int) -> float:
+        start = time.perf_counter()
+        self._calls(n)
+        return (time.perf_counter() - start) / n
+
+    def round(self) -> None:
+        self.rates.append(self.k * self.family.batch_size / self._timed(self.calls))
+
+
+class Fastcore(_CompiledCalls):
     """fastcore's compiled training call as `Trainer.fit` runs it (the path and K the Trainer chose), fed by
     the Trainer's own stream of the arrays."""
 
@@ -193,33 +220,19 @@ class Fastcore:
         self.k = self.trainer.path.steps_per_call
         self.fn = engine.train_many if self.k > 1 else engine.train_one
         self.iterator = iter(feed.dataset)
-        start = time.perf_counter()
-        self._calls(1)   # trace + compile
-        first = time.perf_counter() - start
-        call = self._timed(1)
-        self.compile_seconds = max(first - call, 0.0)
-        self.calls = max(1, round(round_seconds / call))
-        self.rates: list[float] = []
+        self._size(round_seconds)
 
     def _calls(self, n: int) -> float:
         for _ in range(n):
             logs = self.fn(next(self.iterator))
         return float(logs["loss"])
 
-    def _timed(self, n: int) -> float:
-        start = time.perf_counter()
-        self._calls(n)
-        return (time.perf_counter() - start) / n
-
-    def round(self) -> None:
-        self.rates.append(self.k * self.family.batch_size / self._timed(self.calls))
-
     @property
     def path(self) -> str:
         return f"{self.trainer.run_mode} K={self.k}"
 
 
-class DotsCeiling:
+class DotsCeiling(_CompiledCalls):
     """The honest ceiling of a Dense-only model's step: a compiled K-step loop of ONLY its matrix products,
     in the model's own shapes and dtype (per layer: forward x@W, input gradient dY@W^T but for the first
     layer, weight gradient x^T@dY), with no activation, loss, optimizer or input cost. A big square matmul
@@ -235,13 +248,7 @@ class DotsCeiling:
         self.x = tf.constant(x[:family.batch_size], dtype)
         self.kernels = kernels
         self.fn = tf.function(self._steps, jit_compile=True)
-        start = time.perf_counter()
-        self._calls(1)   # trace + compile
-        first = time.perf_counter() - start
-        call = self._timed(1)
-        self.compile_seconds = max(first - call, 0.0)
-        self.calls = max(1, round(round_seconds / call))
-        self.rates: list[float] = []
+        self._size(round_seconds)
 
     def _steps(self, x, kernels):
         scale = tf.constant(self.SCALE / self.family.batch_size, x.dtype)
@@ -264,14 +271,6 @@ class DotsCeiling:
         for _ in range(n):
             out = self.fn(self.x, self.kernels)
         return float(out)
-
-    def _timed(self, n: int) -> float:
-        start = time.perf_counter()
-        self._calls(n)
-        return (time.perf_counter() - start) / n
-
-    def round(self) -> None:
-        self.rates.append(self.k * self.family.batch_size / self._timed(self.calls))
 
 
 def dense_kernels(model: keras.Model) -> list[tf.Tensor] | None:

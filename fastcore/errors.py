@@ -41,12 +41,12 @@ class Interrupted(FastcoreError):
 
     def __init__(self, signal_name: str, step: int, checkpoint: str | None, exit_code: int, summary: dict | None = None,
                  during: str | None = None):
-        where = f"checkpoint {checkpoint!r}; continue with --resume" if checkpoint else "no checkpoint (none configured)"
         if during:   # before the loop's first call, e.g. in the pre-flight: nothing was trained
-            where = f"the newest checkpoint is {checkpoint!r}" if checkpoint else "no checkpoint was written"
-            super().__init__(f"stopped by {signal_name} during {during}, before step {step + 1}; {where}")
+            kept = f"the newest checkpoint is {checkpoint!r}" if checkpoint else "no checkpoint was written"
+            super().__init__(f"stopped by {signal_name} during {during}, before step {step + 1}; {kept}")
         else:
-            super().__init__(f"stopped by {signal_name} at step {step}; {where}")
+            kept = f"checkpoint {checkpoint!r}; continue with --resume" if checkpoint else "no checkpoint (none configured)"
+            super().__init__(f"stopped by {signal_name} at step {step}; {kept}")
         self.signal, self.step, self.checkpoint, self.exit_code, self.summary = (
             signal_name, step, checkpoint, exit_code, summary)
 

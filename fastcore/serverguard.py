@@ -83,15 +83,19 @@ def refusal() -> str | None:
     return None
 
 
+def interfaces(pid: int | str = "self") -> list[str] | None:
+    """The network interfaces of `pid`'s network namespace (None: unknown, e.g. not Linux)."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            return [row.split(":")[0].strip() for row in f.read().splitlines()[2:]]
+    except OSError:
+        return None
+
+
 def isolated() -> bool:
     """Whether this process's network namespace has no interface but loopback: a wildcard server there is
     reachable from nowhere else."""
-    try:
-        with open("/proc/self/net/dev") as f:
-            names = [row.split(":")[0].strip() for row in f.read().splitlines()[2:]]
-    except OSError:
-        return False
-    return names == ["lo"]
+    return interfaces() == ["lo"]
 
 
 def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

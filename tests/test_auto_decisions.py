@@ -18,7 +18,6 @@ from fastcore.observe import calibrate, tensorboard, timing
 from test_pathchoice import X, Y, bce, mlp   # the same small model and data
 
 
-
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch, tmp_path):
     """Each test starts from an empty cache (the session's is shared by every test)."""

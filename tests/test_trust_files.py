@@ -206,7 +206,7 @@ def test_an_implausible_cached_thread_timing_is_timed_again(cache, monkeypatch, 
     calibrate.store(threads.cache_key(config), bad)
     timed = []
     monkeypatch.setattr(threads, "_time_in_child", lambda count, fields, scratch: timed.append(count) or
-                        ((1e-5, 1e-5) if count == 1 else (2e-5, 2e-5)))
+                        ((1e-5, None) if count == 1 else (2e-5, None)))
     count, why = threads.choose(config)
     assert timed == [1, 0] and count == 1
     assert why == "100,000 examples/s on 1 thread, 50,000 on all, the step timed now"

@@ -11,7 +11,8 @@ Xeon for the HIGGS task: 25.8 s on a machine's first run (16.4 s of it the machi
 precision choice needs anyway and every later configuration reuses), about 10 s per child for a new
 configuration, 0 s once cached. Against a neighbour's load, the rules every auto decision follows
 (fastcore.observe.timing): each child times its call for BUDGET_SECONDS and keeps the fastest repeat; when
-its two fastest lie over timing.SPREAD apart the answer is used but not cached; after the run, a steady rate
+the timing judges itself noisy (its two fastest over timing.SPREAD apart, or other work on the CPUs) the
+answer is used but not cached; after the run, a steady rate
 (input wait left out) under timing.AGREE's lower bound of the cached one forgets the cached answer (recheck).
 A cached answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is
 timed again. The children work in one private temp folder, removed when they end.
@@ -99,7 +100,7 @@ def choose(config) -> tuple[int | None, str]:
         entry = {name: best for name, (best, _) in timed.items()}
         if not _plausible(entry):
             return None, "the step's timing was implausible, so all cores"
-        noisy = [name for name, (best, second) in timed.items() if second > (1 + timing.SPREAD) * best]
+        noisy = [name for name, (_, noise) in timed.items() if noise]
         if not noisy:
             calibrate.store(key, entry)
     one, every = entry["one"], entry["all"]
@@ -142,17 +143,18 @@ def _plausible(entry) -> bool:
         isinstance(entry.get(name), float) and low <= entry[name] <= high for name in ("one", "all"))
 
 
-def _time_in_child(count: int, fields: dict, scratch: str) -> tuple[float, float]:
-    """(fastest, second fastest) seconds per example of the run's training call on `count` threads (0: all)."""
+def _time_in_child(count: int, fields: dict, scratch: str) -> tuple[float, str | None]:
+    """(fastest seconds per example of the run's training call on `count` threads (0: all), why that timing is
+    noisy or None: fastcore.observe.timing's verdict, repeats apart or other work on the CPUs)."""
     done = children.run([sys.executable, "-m", "fastcore.cli.threads", str(count), json.dumps(fields), scratch],
                         timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0:
         raise RuntimeError(f"timing the step for --threads auto failed: {done.stderr.strip()[-300:]}")
-    best, second = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(best), float(second)
+    best, noise = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(best), noise
 
 
-def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float, float]:
+def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float, str | None]:
     """In the child: build the run's plan on `count` threads (0: all) and time its training call."""
     use(count or None)
     import tensorflow as tf
@@ -165,9 +167,7 @@ def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float,
     train = engine.train_many if p.steps_per_call > 1 else engine.train_one
     timed = timing.interleaved({"step": lambda: tf.nest.map_structure(lambda t: t.numpy(), train(batch))},
                                budget=BUDGET_SECONDS, least=MIN_CALLS, most=1000)
-    examples = p.batch_size * p.steps_per_call
-    best = timed.seconds["step"] / examples
-    return best, best * (1 + timed.spread["step"])
+    return timed.seconds["step"] / (p.batch_size * p.steps_per_call), timed.noise
 
 
 if __name__ == "__main__":

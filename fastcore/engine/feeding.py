@@ -23,16 +23,11 @@ import tensorflow as tf
 
 import pipelines
 from fastcore.errors import UsageError
-from fastcore.options import positive
+from fastcore.options import MAX_STEPS_PER_CALL, positive
 
 PREFETCH = 2   # compiled calls' batches ready ahead (see pipelines.common for the measurements)
-CALL_EXAMPLES = 8192   # default steps per call: about this many examples per compiled call...
-# ...and at most this many steps (progress and checkpoints stay timely). A compiled call costs about 1-2.5 ms
-# beside its steps (XLA:CPU launch, fresh output buffers, the stream's element): MNIST MLP, batch 32, XLA, fed
-# by its stream, 2-core Xeon, interleaved in one process: K=125 (the cap 128 lets 1,875 steps per epoch have
-# it) 1.11-1.18x the examples/s of K=25 (the largest divisor under the former cap, 64); text_conv, graph,
-# K=78 vs 39: 0.99-1.02x (a slow step leaves nothing to amortize).
-MAX_STEPS_PER_CALL = 128
+CALL_EXAMPLES = 8192   # default steps per call: about this many examples per compiled call, at most
+# fastcore.options.MAX_STEPS_PER_CALL steps (progress and checkpoints stay timely).
 # With varying shapes each shape's window holds up to K-1 batches until its call is full (stacked_calls):
 # 8 keeps that buffer small and measured 3.4-4.2x the examples/s of K=1 (see stacked_calls).
 VARYING_STEPS_PER_CALL = 8

@@ -31,6 +31,7 @@ import tensorflow as tf
 from fastcore.engine import feeding
 from fastcore.engine.precision import Precision
 from fastcore.observe import calibrate, timing
+from fastcore.options import MAX_STEPS_PER_CALL
 
 BUDGET_SECONDS = 2.0    # no new timing round after this many seconds of rounds (the compiles come before)
 LEAST, MOST = 3, 5      # interleaved timed rounds of every candidate still in the race
@@ -56,7 +57,7 @@ def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, f
     if mode != "auto" or assembly.strategy is not None:
         requested, mode = mode, "xla" if mode == "auto" else mode
         # Under XLA a convnet's default K is 1: XLA:CPU runs its K-step loop far slower (module docstring).
-        most = 1 if mode == "xla" and assembly.convolutional() else feeding.MAX_STEPS_PER_CALL
+        most = 1 if mode == "xla" and assembly.convolutional() else MAX_STEPS_PER_CALL
         k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying),
                                                   most=most)
         return Path(mode, k, "requested" if mode == requested else "auto: XLA under a strategy (not timed)")

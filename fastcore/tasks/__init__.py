@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fastcore.options import MAX_STEPS_PER_CALL
 from fastcore.tasks.specs import MLPSpec, Regularization
 
 
@@ -25,20 +26,18 @@ class Task:
     eval_split: str
 
 
-# The library's cap (fastcore.engine.feeding.MAX_STEPS_PER_CALL): 1,875 steps per epoch give K=125. CLI,
-# Fashion-MNIST, 3 epochs, float32, 1 thread, 2-core Xeon, runs alternated: K=125 at 1.03-1.41x the examples/s of
-# K=25 (3 pairs; 140k vs 99k, 116k vs 113k, 115k vs 84k), a compiled call costing 1-2.5 ms beside its steps.
-MNIST_STEPS_PER_CALL = 128
-
+# MNIST tasks take the library's cap (1,875 steps per epoch give K=125). CLI, Fashion-MNIST, 3 epochs, float32,
+# 1 thread, 2-core Xeon, runs alternated: K=125 at 1.03-1.41x the examples/s of K=25 (3 pairs; 140k vs 99k,
+# 116k vs 113k, 115k vs 84k).
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("line", "line", MLPSpec(1, (), outputs=1, initial_kernel=5.0), "mse", "mse",
          "sgd", 0.1, None, 100, 100, "train", "test"),
     Task("sine", "sine", MLPSpec(1, (10, 10), "relu", 1), "mse", "mse",
          "adam", 1e-3, None, 10000, 500, "train", "test"),
     Task("mnist", "mnist", MLPSpec(784, (100, 50), "relu", 10), "softmax_ce", "accuracy",
-         "sgd", 0.1, 32, 5, MNIST_STEPS_PER_CALL, "train", "test"),
+         "sgd", 0.1, 32, 5, MAX_STEPS_PER_CALL, "train", "test"),
     Task("fashion_mnist", "fashion_mnist", MLPSpec(784, (100, 50), "relu", 10), "softmax_ce", "accuracy",
-         "sgd", 0.1, 32, 5, MNIST_STEPS_PER_CALL, "train", "test"),
+         "sgd", 0.1, 32, 5, MAX_STEPS_PER_CALL, "train", "test"),
     Task("higgs", "higgs", MLPSpec(28, (512, 512, 512, 512), "elu", 1), "sigmoid_ce", "binary_accuracy",
          "adam", 1e-3, 500, 20, 20, "train[:90%]", "train[90%:]"),
 )}
