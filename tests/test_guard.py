@@ -43,6 +43,7 @@ def test_float32_stops_at_the_bad_step_and_keeps_good_weights(data_dir, tmp_path
         session.train_and_summarize(p)
     summary, step = stopped.value.summary, p.trainer.engine
     assert summary["non_finite"]["step"] == bad
+    assert summary["guard"] == {"checked": "per call", "replayed_calls": 1}   # K=2: found by the call's check
     assert all(np.isfinite(v.numpy()).all() for v in step.model.trainable_variables)
     assert int(step.optimizer.iterations.numpy()) == bad - 1   # every step before it applied, none after
     last = summary["non_finite"]["last_good_checkpoint"]

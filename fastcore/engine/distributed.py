@@ -36,6 +36,7 @@ class DistributedEngine(Engine):
     the models from their factories and re-creates the optimizers there. Losses returned by the step are
     summed over replicas (each is scaled to the global batch), other logs are averaged.
     """
+    single_device = False   # every step keeps the guard: the replicas agree on it per step
 
     def __init__(self, strategy: tf.distribute.Strategy, models: dict, optimizers: dict, step_fn, **kwargs):
         self.strategy = strategy

@@ -23,6 +23,8 @@ def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, c
     summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
                     "eval": {k_[len("eval_"):]: v for k_, v in final.items() if k_.startswith("eval_")},
                     "skipped_steps": engine.skipped_steps, "traces": engine.ledger.counts(),
+                    "guard": {"checked": "per call" if k > 1 and engine.checks_per_call() else "per step",
+                              "replayed_calls": int(engine.replayed_calls.numpy())},
                     "input_shapes": engine.ledger.shapes(),
                     "checkpoint": checkpoints.latest if checkpoints else None,
                     "resumed_from": checkpoints.restored_from if checkpoints else None,

@@ -7,7 +7,8 @@ the compiled path and the eager twin alike (they call the very same Python code)
     anything, so a non-finite step changes no variable of any model, moving statistics and the training
     metrics included (float32/bfloat16: the run stops; float16: every optimizer's loss scaler skips the
     step and lowers its scale); the step's other logs are diagnostics, not checked (a NaN precision on a
-    batch without a positive prediction stops nothing);
+    batch without a positive prediction stops nothing). A K-step call may check once for all its steps
+    and run them again checked one by one when that check fails (train_call_many): the same outcome;
   - a call's logs are the means over its applied steps (what its steps computed when none was), and the
     loop weighs a call by them: a skipped step is left out of every epoch figure;
   - float16 loss scaling per optimizer (`ctx.scale(loss, name)`; a step that forgets it is refused);
@@ -240,6 +241,8 @@ class Engine:
         # Off only while the pre-flight compiles the training call beside its own check: the call then
         # runs but applies nothing, counts no step and changes no model variable.
         self.updates_on = tf.Variable(True, trainable=False, name="updates_on")
+        # K-step calls checked once and run again under the per-step guard (train_call_many): not state.
+        self.replayed_calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="replayed_calls")
         self._build_optimizers()
         for optimizer in optimizers.values():
             _refuse_inside_step(optimizer)
@@ -349,13 +352,21 @@ class Engine:
             out[name] = [(g, v) for g, v in pairs if g is not None]
         return out
 
-    def train_step(self, batch) -> tuple[dict, tf.Tensor]:
+    def train_step(self, batch, guarded: bool = True) -> tuple[dict, tf.Tensor]:
         """One step on one batch: compute, check, apply (each phase in turn, each repeat guarded; the step
         counts once). Returns ({name: scalar} (losses and logs; a repeated phase's from its last repeat),
-        whether every update of the step was applied)."""
+        whether every update of the step was applied). Unguarded (train_call_many checks its call once
+        instead), every update is applied."""
         logs, all_applied = {}, tf.constant(True)
         calls = [index for index, (_, repeat) in enumerate(self.phases) for _ in range(repeat)]
         for n, index in enumerate(calls):
+            if not guarded:
+                phase_logs, grads = self.compute(batch, phase=index, draws=n * DRAWS_PER_CALL)
+                if n == 0:
+                    self.steps.assign_add(1)
+                self._apply(grads)
+                logs.update(phase_logs)
+                continue
             held = self._hold_model_state()
             phase_logs, grads, finite = self.compute_checked(batch, index, draws=n * DRAWS_PER_CALL)
             if n == 0:
@@ -453,21 +464,70 @@ class Engine:
     def train_call_many(self, batches) -> dict:
         """K optimizer steps over stacked batches (every leaf [K, B, ...]); returns each log's mean over the
         applied steps (over all K when none was: what a wholly skipped call computed). The loop weights a
-        call by its applied steps (the change of `applied`), so a skipped step is in no epoch figure."""
-        k = tf.shape(tf.nest.flatten(batches)[0])[0]
+        call by its applied steps (the change of `applied`), so a skipped step is in no epoch figure.
+
+        Checked once per call, not per step, when it can be (see `checks_per_call`): the call keeps its state,
+        runs its K steps unguarded, then checks its losses and every model and optimizer variable once. Clean,
+        it is done; else its state is put back and the same K batches run again with the guard on every step
+        (`replayed_calls` counts these), so every outcome is the per-step guard's. A NaN or Inf in a gradient
+        reaches the optimizer's state or the weights, and from there the check: nothing makes it finite again
+        (gradient clipping by value and weight constraints could, so they keep the per-step guard). MNIST MLP
+        B=32 K=125 under XLA, interleaved in one process (2-core Xeon): 1.09x the examples/s on 2 threads,
+        1.15x on 1; HIGGS MLP B=500 K=10: 1.2x."""
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
         names = self.log_names(spec)
+        checked = [v for v in self.state_variables if tf.as_dtype(v.dtype).is_floating]
+        if not self.checks_per_call() or not checked:
+            return self._steps(batches, names, guarded=True)
+        state = self.state_variables + self._metric_variables()
+
+        def guarded():
+            return self._steps(batches, names, guarded=True)
+
+        def unguarded():
+            before = [tf.identity(v) for v in state]
+            logs = self._steps(batches, names, guarded=False)
+
+            def replay():
+                for v, value in zip(state, before):
+                    v.assign(value)
+                self.replayed_calls.assign_add(1)
+                return guarded()
+            clean = tf.math.is_finite(tf.add_n([logs[name] for name in self.loss_names] + _sums(checked)))
+            return tf.cond(clean, lambda: logs, replay)
+        # A state that is already non-finite (a variable holding Inf on purpose) would replay every call.
+        ready = tf.logical_and(tf.logical_and(self.first_non_finite_step < 0, self.updates_on),
+                               tf.math.is_finite(tf.add_n(_sums(checked))))
+        return tf.cond(ready, unguarded, guarded)
+
+    def checks_per_call(self) -> bool:
+        """Whether a K-step call may run its steps unguarded and check once (train_call_many): not under
+        float16 loss scaling (a skipped step is normal there) or tf.distribute (each replica would have to
+        agree), nor where an optimizer clips gradients by value or a variable has a constraint: either can
+        turn an Inf into a finite number the end-of-call check would not see."""
+        if self.loss_scaling or not self.single_device:
+            return False
+        if any(getattr(o, "clipvalue", None) is not None for o in self.optimizers.values()):
+            return False
+        return not any(getattr(v, "constraint", None) is not None for m in self.models.values() for v in m.variables)
+
+    single_device = True   # fastcore.engine.distributed's engine says False
+
+    def _steps(self, batches, names, guarded: bool) -> dict:
+        """The K-step loop of train_call_many, each step guarded or not."""
+        k = tf.shape(tf.nest.flatten(batches)[0])[0]
         zeros = [tf.constant(0.0) for _ in names]
 
         def body(i, applied_steps, applied_totals, totals):
-            logs, applied = self.train_step(tf.nest.map_structure(lambda t: t[i], batches))
+            logs, applied = self.train_step(tf.nest.map_structure(lambda t: t[i], batches), guarded=guarded)
             values = [logs[name] for name in names]
             return (i + 1, applied_steps + tf.cast(applied, tf.float32),
                     [t + tf.where(applied, v, 0.0) for t, v in zip(applied_totals, values)],
                     [t + v for t, v in zip(totals, values)])
         _, applied_steps, applied_totals, totals = tf.while_loop(
             lambda i, *_: i < k, body, (tf.constant(0), tf.constant(0.0), zeros, zeros))
-        self._check_weights()
+        if guarded:
+            self._check_weights()
         return {name: tf.where(applied_steps > 0, applied_total / tf.maximum(applied_steps, 1.0),
                                total / tf.cast(k, tf.float32))
                 for name, applied_total, total in zip(names, applied_totals, totals)}
@@ -587,6 +647,10 @@ def finiteness_sum(scalars: list, grads: Iterable) -> tf.Tensor:
         values = g.values if isinstance(g, tf.IndexedSlices) else g
         parts.append(tf.reduce_sum(tf.cast(values, tf.float32)))
     return tf.add_n(parts)
+
+
+def _sums(variables: list) -> list:
+    return [tf.reduce_sum(tf.cast(v, tf.float32)) for v in variables]
 
 
 def _all_finite(scalars: list, grads: Iterable) -> tf.Tensor:
