@@ -8,7 +8,8 @@
 Public names: Trainer, FitResult, Update (what a step function returns), StepContext (what it gets),
 Callback, the errors (FastcoreError, UsageError, DataError, PreflightError, NonFiniteError,
 CheckpointMismatch, Interrupted, PeerLost), and the modules `fastcore.layers` and `fastcore.random` (randomness
-identical compiled and eager) and `fastcore.distribute` (a tf.distribute strategy for `Trainer(strategy=...)`).
+identical compiled and eager) and `fastcore.distribute` (a tf.distribute strategy for `Trainer(strategy=...)`) and `fastcore.threads` (the
+intra-op thread count chosen by timing the user's own step, before TensorFlow starts).
 Names load on first use, so `python -m fastcore.train --help` starts without importing TensorFlow.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ _PUBLIC = {
     "FastcoreError": "fastcore.errors", "UsageError": "fastcore.errors", "DataError": "fastcore.errors",
     "PreflightError": "fastcore.errors", "NonFiniteError": "fastcore.errors", "CheckpointMismatch": "fastcore.errors",
     "Interrupted": "fastcore.errors", "PeerLost": "fastcore.errors",
-    "layers": None, "random": None, "distribute": None,
+    "layers": None, "random": None, "distribute": None, "threads": None,
 }
 __all__ = sorted(_PUBLIC)
 

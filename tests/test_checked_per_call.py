@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import fastcore
+from fastcore.engine import step as step_module
 from fastcore.engine.step import Engine
 from test_skipped_step import BATCH, batch, bn_mlp, mse_step
 
@@ -110,7 +111,7 @@ def test_an_inf_gradient_with_a_finite_loss_is_caught_at_the_call_end(optimizer)
     assert_identical(checked, reference)
 
 
-def test_what_could_hide_an_inf_keeps_the_per_step_guard():
+def test_what_could_hide_an_inf_or_cost_a_copy_keeps_the_per_step_guard(monkeypatch):
     def constrained():
         keras.utils.set_random_seed(0)
         return keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, kernel_constraint=keras.constraints.NonNeg())])
@@ -120,6 +121,10 @@ def test_what_could_hide_an_inf_keeps_the_per_step_guard():
     scaled = Engine({"model": m}, {"optimizer": keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))},
                     mse_step(m), global_batch_size=BATCH, loss_scaling=True)
     assert not scaled.checks_per_call()
+    engine = pair()[0]
+    assert engine.checks_per_call()
+    monkeypatch.setattr(step_module, "CALL_CHECK_BYTES", 64)   # a state too large to copy
+    assert not engine.checks_per_call()
 
 
 class HoldsInf(keras.layers.Layer):

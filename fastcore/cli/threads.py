@@ -16,7 +16,7 @@ answer is used but not cached; after the run, a steady rate
 (input wait left out) under timing.AGREE's lower bound of the cached one forgets the cached answer (recheck).
 A cached answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is
 timed again. The children work in one private temp folder, removed when they end.
-Library users set it themselves: tf.config.threading.set_intra_op_parallelism_threads(n) before any op.
+Library users have the same choice for their own step: fastcore.threads.choose(main).
 """
 from __future__ import annotations
 
@@ -28,20 +28,12 @@ import tempfile
 
 from fastcore import children
 from fastcore.observe import calibrate, phases, timing   # no TensorFlow: both are safe before threads are set
+from fastcore.threads import BUDGET_SECONDS, MIN_CALLS, pick, tensorflow_started, use
 
-BUDGET_SECONDS = 1.0
-MIN_CALLS = 5
-MARGIN = 1.05
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
 PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
 
-
-def use(count: int | None) -> None:
-    """Set the intra-op thread count (None: TensorFlow's default, all cores). Before any TensorFlow op."""
-    if count is None:
-        return
-    import tensorflow as tf
-    tf.config.threading.set_intra_op_parallelism_threads(count)
+__all__ = ["choose", "decide", "recheck", "use"]
 
 
 def decide(setting: str, config) -> tuple[int | None, str]:
@@ -75,14 +67,6 @@ def resumed_count(config) -> int | None:
     return 0 if used == len(os.sched_getaffinity(0)) else used
 
 
-def tensorflow_started() -> bool:
-    """Whether TensorFlow's runtime exists in this process (then its thread count can no longer change)."""
-    if "tensorflow" not in sys.modules:
-        return False
-    from tensorflow.python.eager import context
-    return bool(context.context()._initialized)   # no public flag; set_intra_op_parallelism_threads raises then
-
-
 def choose(config) -> tuple[int | None, str]:
     """(1 or None, why) for a RunConfig: one thread when the run's step is measurably faster on one."""
     fields = step_cost(config)
@@ -104,10 +88,10 @@ def choose(config) -> tuple[int | None, str]:
         if not noisy:
             calibrate.store(key, entry)
     one, every = entry["one"], entry["all"]
-    pick = 1 if one * MARGIN < every else None
+    count = pick(one, every)
     why = (f"{1 / one:,.0f} examples/s on 1 thread, {1 / every:,.0f} on all, the step timed "
            f"{'earlier (cached)' if cached else 'now'}{', noisy, not cached' if noisy else ''}")
-    return pick, why
+    return count, why
 
 
 def recheck(config, count: int | None, examples_per_sec: float | None) -> str | None:

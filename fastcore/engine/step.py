@@ -504,8 +504,12 @@ class Engine:
         """Whether a K-step call may run its steps unguarded and check once (train_call_many): not under
         float16 loss scaling (a skipped step is normal there) or tf.distribute (each replica would have to
         agree), nor where an optimizer clips gradients by value or a variable has a constraint: either can
-        turn an Inf into a finite number the end-of-call check would not see."""
+        turn an Inf into a finite number the end-of-call check would not see; nor for a state over
+        CALL_CHECK_BYTES, whose copy would double the memory it takes."""
         if self.loss_scaling or not self.single_device:
+            return False
+        state = self.state_variables + self._metric_variables()
+        if sum(tf.TensorShape(v.shape).num_elements() * tf.as_dtype(v.dtype).size for v in state) > CALL_CHECK_BYTES:
             return False
         if any(getattr(o, "clipvalue", None) is not None for o in self.optimizers.values()):
             return False
@@ -564,6 +568,7 @@ class Engine:
         return tf.function(fn, jit_compile=self.mode == "xla", autograph=False)
 
 
+CALL_CHECK_BYTES = 1 << 28   # 256 MiB of state: larger models keep the per-step guard (no second copy)
 DRAWS_PER_CALL = 64   # ctx.seed() draws one phase call may make before the next call's would repeat them
 
 
