@@ -14,6 +14,13 @@ from fastcore.engine.step import StepContext
 from fastcore.observe import flops, phases, tensorboard
 
 
+def guard(engine, k: int) -> dict:
+    """How the finiteness guard checked the run's calls (fastcore.engine.step.Engine.train_call_many), and how
+    many calls it ran again with every step checked."""
+    return {"checked": "per call" if k > 1 and engine.checks_per_call() else "per step",
+            "replayed_calls": int(engine.replayed_calls.numpy())}
+
+
 def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, checkpoints=None, observer=None,
          warm_up_seconds: float | None = None, distributed: bool = False, measure_peak: bool = True) -> None:
     """Fill `summary` from a loop that ran (wholly or until a stop; a stopped run's report uses only a cached
@@ -23,8 +30,7 @@ def fill(summary: dict, loop, engine, feed, k: int, precision: str, mode: str, c
     summary.update({"steps": loop.steps_done, **loop.meter.report(), "train_loss": final.get("train_loss"),
                     "eval": {k_[len("eval_"):]: v for k_, v in final.items() if k_.startswith("eval_")},
                     "skipped_steps": engine.skipped_steps, "traces": engine.ledger.counts(),
-                    "guard": {"checked": "per call" if k > 1 and engine.checks_per_call() else "per step",
-                              "replayed_calls": int(engine.replayed_calls.numpy())},
+                    "guard": guard(engine, k),
                     "input_shapes": engine.ledger.shapes(),
                     "checkpoint": checkpoints.latest if checkpoints else None,
                     "resumed_from": checkpoints.restored_from if checkpoints else None,

@@ -160,6 +160,7 @@ class Run:
                 input_checks.labels_of_call(engine, e.batch, self.k, e.first_step)
                 last = checkpoints.latest if checkpoints else None
                 summary["non_finite"] = {"step": e.step, "last_good_checkpoint": last}
+                summary["guard"] = report.guard(engine, self.k)
                 report.write(run_dir, summary, say)
                 raise NonFiniteError(e.step, last, summary) from None
             except tf.errors.OpError as e:
