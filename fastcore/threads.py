@@ -18,8 +18,8 @@ first `Trainer.fit` builds its step as usual (its `mode="auto"` and precision ch
 compiled training call on its first batch for BUDGET_SECONDS, keeps the fastest repeat and ends the child:
 nothing is trained, checkpointed or written. The faster count (one thread only by MARGIN) is then set in
 this process, before TensorFlow starts here. The children import `main`'s module as multiprocessing's spawn
-does: its `if __name__ == "__main__":` block does not run there. The answer is cached per machine and per
-source of `main`'s file (`refresh=True` times again); a timing that judges itself noisy (other work on the
+does: its `if __name__ == "__main__":` block does not run there. The answer is cached per machine, per
+source of `main`'s file and per command-line arguments (`refresh=True` times again); a timing that judges itself noisy (other work on the
 CPUs, repeats apart: fastcore.observe.timing) is used but not cached. The CLI's `--threads auto` is the same
 choice for the built-in tasks (fastcore.cli.threads).
 Measured (2-core Xeon, float32, XLA): the MNIST MLP's step at batch 32 ran 195.6k examples/s on one thread
@@ -87,7 +87,8 @@ def choose(main: Callable[[], object], refresh: bool = False, verbose: bool = Tr
     target = _target(main)
     if tensorflow_started():
         return ThreadChoice(None, "all cores: TensorFlow had already started in this process (choose before any op)")
-    key = f"threads/library/{target['file'] or target['module']}:{target['name']}:{target['source']}"
+    key = (f"threads/library/{target['file'] or target['module']}:{target['name']}:{target['source']}:"
+           f"{json.dumps(sys.argv[1:])}")
     entry = None if refresh else calibrate.cached(key)
     cached, noisy = entry is not None, []
     if not cached:
@@ -124,7 +125,7 @@ def _target(main) -> dict:
         source = hashlib.sha256(inspect.getsource(sys.modules[module]).encode()).hexdigest()[:16]
     except (OSError, TypeError):
         source = "unknown"
-    return {"module": module, "file": file, "name": name, "source": source}
+    return {"module": module, "file": file, "name": name, "source": source, "argv": sys.argv}
 
 
 def _time_in_child(count: int, target: dict) -> tuple[float, str | None]:
@@ -161,8 +162,10 @@ def answer(engine, feed, steps_per_call: int) -> None:
 
 
 def _child(count: int, target: dict) -> None:
-    """Run main on `count` threads (0: all); its first fit ends this process (answer)."""
+    """Run main on `count` threads (0: all) with the parent's sys.argv (as multiprocessing's spawn does: a
+    script reading its arguments reads the same); its first fit ends this process (answer)."""
     use(count or None)
+    sys.argv = target["argv"]
     if target["file"]:
         namespace = runpy.run_path(target["file"], run_name="__fastcore_threads__")
         main = namespace
