@@ -473,7 +473,7 @@ class Engine:
         reaches the optimizer's state or the weights, and from there the check: nothing makes it finite again
         (gradient clipping by value and weight constraints could, so they keep the per-step guard). MNIST MLP
         B=32 K=125 under XLA, interleaved in one process (2-core Xeon): 1.09x the examples/s on 2 threads,
-        1.15x on 1; HIGGS MLP B=500 K=10: 1.2x."""
+        1.15x on 1; the matmul-bound HIGGS MLP (B=500, K=10) within noise (0.96x and 1.20x in two runs)."""
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
         names = self.log_names(spec)
         checked = [v for v in self.state_variables if tf.as_dtype(v.dtype).is_floating]
