@@ -78,6 +78,25 @@ def pick(one: float, every: float) -> int | None:
     return 1 if one * MARGIN < every else None
 
 
+def verdict(entry: dict, cached: bool, noisy: list) -> tuple[int | None, str]:
+    """(the count, why) from timed seconds per example {"one": ..., "all": ...}: the one rule both the CLI's
+    --threads auto and choose() follow."""
+    count = pick(entry["one"], entry["all"])
+    return count, (f"{1 / entry['one']:,.0f} examples/s on 1 thread, {1 / entry['all']:,.0f} on all, the step "
+                   f"timed {'earlier (cached)' if cached else 'now'}{', noisy, not cached' if noisy else ''}")
+
+
+def seconds_per_example(engine, feed, steps_per_call: int) -> tuple[float, str | None]:
+    """(the fastest seconds per example of `engine`'s training call on `feed`'s first batch, fastcore.observe.
+    timing's noise verdict or None): what a timing child measures."""
+    import tensorflow as tf
+    batch = next(iter(feed.dataset.take(1)))
+    train = engine.train_many if steps_per_call > 1 else engine.train_one
+    timed = timing.interleaved({"step": lambda: tf.nest.map_structure(lambda t: t.numpy(), train(batch))},
+                               budget=BUDGET_SECONDS, least=MIN_CALLS, most=1000)
+    return timed.seconds["step"] / (feed.batch_size * steps_per_call), timed.noise
+
+
 def choose(main: Callable[[], object], refresh: bool = False, verbose: bool = True) -> ThreadChoice:
     """Time `main`'s first fit on one intra-op thread and on all (a child process each), set the faster in this
     process and say why. Call it before any TensorFlow op; `main` is a module-level function taking no
@@ -102,11 +121,9 @@ def choose(main: Callable[[], object], refresh: bool = False, verbose: bool = Tr
         noisy = [name for name, (_, noise) in timed.items() if noise]
         if not noisy:
             calibrate.store(key, entry)
-    count = pick(entry["one"], entry["all"])
+    count, why = verdict(entry, cached, noisy)
     use(count)
-    return ThreadChoice(count, f"{'1 thread' if count else 'all cores'}: {1 / entry['one']:,.0f} examples/s on "
-                               f"1 thread, {1 / entry['all']:,.0f} on all, the step timed "
-                               f"{'earlier (cached)' if cached else 'now'}{', noisy, not cached' if noisy else ''}")
+    return ThreadChoice(count, f"{'1 thread' if count else 'all cores'}: {why}")
 
 
 def _target(main) -> dict:
@@ -150,13 +167,7 @@ def probing() -> bool:
 def answer(engine, feed, steps_per_call: int) -> None:
     """In a child: time the training call `fit` built on its first batch, print the answer, end the process
     (nothing of the run is written)."""
-    import tensorflow as tf
-    batch = next(iter(feed.dataset.take(1)))
-    train = engine.train_many if steps_per_call > 1 else engine.train_one
-    timed = timing.interleaved({"step": lambda: tf.nest.map_structure(lambda t: t.numpy(), train(batch))},
-                               budget=BUDGET_SECONDS, least=MIN_CALLS, most=1000)
-    per_example = timed.seconds["step"] / (feed.batch_size * steps_per_call)
-    print(_ANSWER + json.dumps([per_example, timed.noise]), flush=True)
+    print(_ANSWER + json.dumps(seconds_per_example(engine, feed, steps_per_call)), flush=True)
     sys.stderr.flush()
     os._exit(0)
 
@@ -166,15 +177,13 @@ def _child(count: int, target: dict) -> None:
     script reading its arguments reads the same); its first fit ends this process (answer)."""
     use(count or None)
     sys.argv = target["argv"]
+    first, *rest = target["name"].split(".")
     if target["file"]:
-        namespace = runpy.run_path(target["file"], run_name="__fastcore_threads__")
-        main = namespace
-        for part in target["name"].split("."):
-            main = main[part] if isinstance(main, dict) else getattr(main, part)
+        main = runpy.run_path(target["file"], run_name="__fastcore_threads__")[first]
     else:
-        main = importlib.import_module(target["module"])
-        for part in target["name"].split("."):
-            main = getattr(main, part)
+        main = getattr(importlib.import_module(target["module"]), first)
+    for part in rest:
+        main = getattr(main, part)
     main()
 
 

@@ -10,7 +10,7 @@ by a 5% margin) and the answer is cached per machine and run configuration. Budg
 Xeon for the HIGGS task: 25.8 s on a machine's first run (16.4 s of it the machine's matmul peaks, which the
 precision choice needs anyway and every later configuration reuses), about 10 s per child for a new
 configuration, 0 s once cached. Against a neighbour's load, the rules every auto decision follows
-(fastcore.observe.timing): each child times its call for BUDGET_SECONDS and keeps the fastest repeat; when
+(fastcore.observe.timing): each child times its call for fastcore.threads.BUDGET_SECONDS and keeps the fastest repeat; when
 the timing judges itself noisy (its two fastest over timing.SPREAD apart, or other work on the CPUs) the
 answer is used but not cached; after the run, a steady rate
 (input wait left out) under timing.AGREE's lower bound of the cached one forgets the cached answer (recheck).
@@ -28,7 +28,7 @@ import tempfile
 
 from fastcore import children
 from fastcore.observe import calibrate, phases, timing   # no TensorFlow: both are safe before threads are set
-from fastcore.threads import BUDGET_SECONDS, MIN_CALLS, pick, tensorflow_started, use
+from fastcore.threads import seconds_per_example, tensorflow_started, use, verdict
 
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
 PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
@@ -87,11 +87,7 @@ def choose(config) -> tuple[int | None, str]:
         noisy = [name for name, (_, noise) in timed.items() if noise]
         if not noisy:
             calibrate.store(key, entry)
-    one, every = entry["one"], entry["all"]
-    count = pick(one, every)
-    why = (f"{1 / one:,.0f} examples/s on 1 thread, {1 / every:,.0f} on all, the step timed "
-           f"{'earlier (cached)' if cached else 'now'}{', noisy, not cached' if noisy else ''}")
-    return count, why
+    return verdict(entry, cached, noisy)
 
 
 def recheck(config, count: int | None, examples_per_sec: float | None) -> str | None:
@@ -141,17 +137,10 @@ def _time_in_child(count: int, fields: dict, scratch: str) -> tuple[float, str |
 def _seconds_per_example(count: int, fields: dict, scratch: str) -> tuple[float, str | None]:
     """In the child: build the run's plan on `count` threads (0: all) and time its training call."""
     use(count or None)
-    import tensorflow as tf
-
     from fastcore.cli import plan as planning
     config = planning.RunConfig(**fields, logdir=scratch, preflight=False)
     p = planning.plan(config)
-    engine = p.trainer.engine   # built by plan()
-    batch = next(iter(p.feed.dataset.take(1)))
-    train = engine.train_many if p.steps_per_call > 1 else engine.train_one
-    timed = timing.interleaved({"step": lambda: tf.nest.map_structure(lambda t: t.numpy(), train(batch))},
-                               budget=BUDGET_SECONDS, least=MIN_CALLS, most=1000)
-    return timed.seconds["step"] / (p.batch_size * p.steps_per_call), timed.noise
+    return seconds_per_example(p.trainer.engine, p.feed, p.steps_per_call)   # the engine built by plan()
 
 
 if __name__ == "__main__":
