@@ -294,9 +294,11 @@ FIT_VARIANTS = [(False, 1), (False, 32), (True, 1), (True, 32)]   # (jit_compile
 FASTCORE_MODES = ["auto", "xla", "graph"]
 
 
-def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, modes=FASTCORE_MODES) -> list:
+def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, modes=FASTCORE_MODES,
+            jax_seconds: float | None = None) -> list:
     """Every runner of one family, each compiled and sized (data drawn once, seeded); the dots ceiling (Dense-only
-    models) runs at the K fastcore's default picked."""
+    models) runs at the K fastcore's default picked; JAX (`jax_seconds`, a model jax_anchor.py has, its venv
+    present) as one more runner."""
     x, y = family.arrays(np.random.default_rng(SEED), family.examples)
     dataset = keras_dataset(x, y, family.batch_size)
     fit = [KerasFit(family, dataset, jit, spe, round_seconds) for jit, spe in fit_variants]
@@ -305,7 +307,8 @@ def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, mod
     kernels = dense_kernels(family.build())
     default = next((r for r in fast if r.name == "fastcore_auto"), None)
     ceiling = [DotsCeiling(family, x, kernels, default.k, round_seconds)] if kernels and default else []
-    return fit + fast + ceiling
+    jax = [JaxAnchor(family, jax_seconds)] if jax_seconds and family.jax and not jax_missing() else []
+    return fit + fast + ceiling + jax
 
 
 OUT_OF_RACE = 3.0   # after the first round, a runner this many times slower than its group's fastest stops
@@ -313,7 +316,7 @@ OUT_OF_RACE = 3.0   # after the first round, a runner this many times slower tha
 
 def interleave(runners: list, rounds: int, keep: str = "fastcore_auto") -> dict[str, float]:
     """{runner: median examples/s}: one round of each runner in turn, the order rotating every round. A runner
-    far behind the fastest of its group (keras_, fastcore_ or dots_; XLA around convolutions: a round of 32 steps
+    far behind the fastest of its group (keras_, fastcore_, dots_ or jax_; XLA around convolutions: a round of 32 steps
     took 20 s) keeps its first round's figure, which cannot make it its group's best; `keep` (the gated
     default) runs every round."""
     def group(runner):
@@ -343,18 +346,46 @@ _JAX_SYNC = ("import runpy, sys, jax; jax.config.update('jax_cpu_enable_async_di
              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def jax_anchor(seconds: float) -> dict[str, float] | str:
-    """{model: JAX ex/s, float32} from jax_anchor.py in its own venv, or why it could not run."""
+def jax_missing() -> str | None:
+    """Why JAX cannot run here, or None."""
     if not pathlib.Path(JAX_PYTHON).exists():
         return f"no JAX venv at {JAX_PYTHON} (set FASTCORE_JAX_PYTHON)"
     if not JAX_ANCHOR.exists():
         return f"no {JAX_ANCHOR}"
+    return None
+
+
+def jax_anchor(seconds: float) -> dict[str, float] | str:
+    """{model: JAX ex/s, float32} from jax_anchor.py in its own venv, or why it could not run."""
+    missing = jax_missing()
+    if missing:
+        return missing
     done = subprocess.run([JAX_PYTHON, "-c", _JAX_SYNC, str(JAX_ANCHOR), str(seconds)], capture_output=True, text=True,
                           timeout=600)
     found = {m[1]: float(m[2].replace(",", "")) for m in re.finditer(r"^jax (\S+) .* f32: ([\d,]+) ex/s$", done.stdout, re.M)}
     if done.returncode or not found:
         return f"jax_anchor.py failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}"
     return found
+
+
+class JaxAnchor:
+    """JAX + optax on the same model (jax_anchor.py in its own venv) as one more runner of the interleaved
+    rounds: each round is one run of the anchor (its best of 3 measures of `seconds`), so a VM whose speed
+    drifts hits JAX and fastcore alike. A figure from a single run before or after the rounds compared
+    different moments: on one VM it read HIGGS 0.71x where alternating processes read 0.87x."""
+
+    name = "jax_anchor"   # its own interleave group
+    compile_seconds = None
+
+    def __init__(self, family: Family, seconds: float):
+        self.family, self.seconds = family, seconds
+        self.rates: list[float] = []
+
+    def round(self) -> None:
+        figures = jax_anchor(self.seconds)
+        if not isinstance(figures, dict) or self.family.jax not in figures:
+            raise RuntimeError(figures if isinstance(figures, str) else f"jax_anchor.py printed no {self.family.jax} line")
+        self.rates.append(figures[self.family.jax])
 
 
 class _EpochTimer(keras.callbacks.Callback):
