@@ -19,7 +19,8 @@ compiled training call on its first batch for BUDGET_SECONDS, keeps the fastest 
 nothing is trained, checkpointed or written. The faster count (one thread only by MARGIN) is then set in
 this process, before TensorFlow starts here. The children import `main`'s module as multiprocessing's spawn
 does: its `if __name__ == "__main__":` block does not run there. The answer is cached per machine, per
-source of `main`'s file and per command-line arguments (`refresh=True` times again); a timing that judges itself noisy (other work on the
+source of `main`'s file and per command-line arguments (`refresh=True` times again; a cached time outside
+PLAUSIBLE_SECONDS is timed again); a timing that judges itself noisy (other work on the
 CPUs, repeats apart: fastcore.observe.timing) is used but not cached. The CLI's `--threads auto` is the same
 choice for the built-in tasks (fastcore.cli.threads).
 Measured (2-core Xeon, float32, XLA): the MNIST MLP's step at batch 32 ran 195.6k examples/s on one thread
@@ -46,6 +47,7 @@ BUDGET_SECONDS = 1.0
 MIN_CALLS = 5
 MARGIN = 1.05
 TIMEOUT_SECONDS = 900
+PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
 _ANSWER = "fastcore-threads-answer "   # the child's result line, after whatever `main` printed
 _PROBE = "FASTCORE_THREADS_PROBE"      # set in a child: its first fit times its step and ends the child
 
@@ -106,10 +108,9 @@ def choose(main: Callable[[], object], refresh: bool = False, verbose: bool = Tr
     target = _target(main)
     if tensorflow_started():
         return ThreadChoice(None, "all cores: TensorFlow had already started in this process (choose before any op)")
-    key = (f"threads/library/{target['file'] or target['module']}:{target['name']}:{target['source']}:"
-           f"{json.dumps(sys.argv[1:])}")
+    key = cache_key(target)
     entry = None if refresh else calibrate.cached(key)
-    cached, noisy = entry is not None, []
+    cached, noisy = plausible(entry), []
     if not cached:
         try:
             with phases.speaking() if verbose else contextlib.nullcontext(), phases.phase(
@@ -124,6 +125,20 @@ def choose(main: Callable[[], object], refresh: bool = False, verbose: bool = Tr
     count, why = verdict(entry, cached, noisy)
     use(count)
     return ThreadChoice(count, f"{'1 thread' if count else 'all cores'}: {why}")
+
+
+def cache_key(target: dict) -> str:
+    """Where choose's answer for `main` (as _target found it) and this script's arguments is cached."""
+    return (f"threads/library/{target['file'] or target['module']}:{target['name']}:{target['source']}:"
+            f"{json.dumps(sys.argv[1:])}")
+
+
+def plausible(entry) -> bool:
+    """A cached answer whose two times (seconds per example on one thread and on all) are numbers a step can
+    take: a damaged or absurd entry is timed again, not trusted."""
+    low, high = PLAUSIBLE_SECONDS
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(name), float) and low <= entry[name] <= high for name in ("one", "all"))
 
 
 def _target(main) -> dict:

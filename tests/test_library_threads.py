@@ -95,3 +95,25 @@ def test_a_lambda_is_refused_in_one_line():
     from fastcore.errors import UsageError
     with pytest.raises(UsageError, match="module-level function"):
         fastcore.threads.choose(lambda: None)
+
+
+def _main_for_the_cache_test():
+    """A module-level main for choose; never run (the children's timing is replaced)."""
+
+
+def test_an_absurd_cached_answer_is_timed_again(monkeypatch, tmp_path):
+    """A cached time outside PLAUSIBLE_SECONDS (a damaged or hand-edited cache) is not trusted."""
+    import fastcore.threads as threads
+    from fastcore.observe import calibrate
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(threads, "tensorflow_started", lambda: False)   # this test process runs TensorFlow
+    monkeypatch.setattr(threads, "use", lambda count: None)
+    timed = []
+    monkeypatch.setattr(threads, "_time_in_child", lambda count, target: timed.append(count) or (1e-5 * (2 - count), None))
+    key = threads.cache_key(threads._target(_main_for_the_cache_test))
+    calibrate.store(key, {"one": 1e9, "all": 2e-5})   # one example every 30 years on one thread
+    choice = threads.choose(_main_for_the_cache_test, verbose=False)
+    assert timed == [1, 0] and choice.count == 1 and choice.why.endswith("the step timed now")
+    assert calibrate.cached(key) == {"one": 1e-5, "all": 2e-5}
+    assert threads.choose(_main_for_the_cache_test, verbose=False).why.endswith("the step timed earlier (cached)")
+    assert timed == [1, 0]

@@ -14,7 +14,7 @@ configuration, 0 s once cached. Against a neighbour's load, the rules every auto
 the timing judges itself noisy (its two fastest over timing.SPREAD apart, or other work on the CPUs) the
 answer is used but not cached; after the run, a steady rate
 (input wait left out) under timing.AGREE's lower bound of the cached one forgets the cached answer (recheck).
-A cached answer is used only when both times are plausible (PLAUSIBLE_SECONDS per example); else the step is
+A cached answer is used only when both times are plausible (fastcore.threads.PLAUSIBLE_SECONDS per example); else the step is
 timed again. The children work in one private temp folder, removed when they end.
 Library users have the same choice for their own step: fastcore.threads.choose(main).
 """
@@ -28,10 +28,9 @@ import tempfile
 
 from fastcore import children
 from fastcore.observe import calibrate, phases, timing   # no TensorFlow: both are safe before threads are set
-from fastcore.threads import seconds_per_example, tensorflow_started, use, verdict
+from fastcore.threads import plausible, seconds_per_example, tensorflow_started, use, verdict
 
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
-PLAUSIBLE_SECONDS = (1e-12, 3600.0)   # per example: a trillion examples/s to one an hour
 
 __all__ = ["choose", "decide", "recheck", "use"]
 
@@ -72,7 +71,7 @@ def choose(config) -> tuple[int | None, str]:
     fields = step_cost(config)
     key = cache_key(config)
     entry = calibrate.cached(key)
-    cached = _plausible(entry)
+    cached = plausible(entry)
     noisy = []
     if not cached:
         try:
@@ -82,7 +81,7 @@ def choose(config) -> tuple[int | None, str]:
         except RuntimeError:   # bad data or flags: the run itself reports them in its one line
             return None, "the step could not be timed, so all cores"
         entry = {name: best for name, (best, _) in timed.items()}
-        if not _plausible(entry):
+        if not plausible(entry):
             return None, "the step's timing was implausible, so all cores"
         noisy = [name for name, (_, noise) in timed.items() if noise]
         if not noisy:
@@ -96,7 +95,7 @@ def recheck(config, count: int | None, examples_per_sec: float | None) -> str | 
     (a timing taken under a neighbour's load, or a changed machine), forget the cached answer so the next run
     times it again; returns the line saying so, else None. Costs nothing now."""
     entry = calibrate.cached(cache_key(config))
-    if not examples_per_sec or not _plausible(entry):
+    if not examples_per_sec or not plausible(entry):
         return None
     promised = 1 / entry["one" if count == 1 else "all"]
     low = timing.AGREE[0]
@@ -115,12 +114,6 @@ def step_cost(config) -> dict:
 def cache_key(config) -> str:
     """Where the answer for this configuration is cached (beside the machine's calibration)."""
     return f"threads/v{KEY_VERSION}/" + json.dumps(step_cost(config), sort_keys=True)
-
-
-def _plausible(entry) -> bool:
-    low, high = PLAUSIBLE_SECONDS
-    return isinstance(entry, dict) and all(
-        isinstance(entry.get(name), float) and low <= entry[name] <= high for name in ("one", "all"))
 
 
 def _time_in_child(count: int, fields: dict, scratch: str) -> tuple[float, str | None]:
