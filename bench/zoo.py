@@ -177,6 +177,9 @@ class KerasFit:
     def round(self) -> None:
         self.rates.append(self.steps * self.family.batch_size / self._fit(self.steps))
 
+    def warm(self) -> None:
+        self._fit(self.steps)
+
 
 class _CompiledCalls:
     """A runner timing a compiled call of K steps of `family.batch_size` examples: `_calls(n)` runs n calls and
@@ -203,6 +206,9 @@ class _CompiledCalls:
 
     def round(self) -> None:
         self.rates.append(self.k * self.family.batch_size / self._timed(self.calls))
+
+    def warm(self) -> None:
+        self._calls(1)
 
 
 class Fastcore(_CompiledCalls):
@@ -308,7 +314,14 @@ def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, mod
     default = next((r for r in fast if r.name == "fastcore_auto"), None)
     ceiling = [DotsCeiling(family, x, kernels, default.k, round_seconds)] if kernels and default else []
     jax = [JaxAnchor(family, jax_seconds)] if jax_seconds and family.jax and not jax_missing() else []
-    return fit + fast + ceiling + jax
+    built = fit + fast + ceiling + jax
+    # Each runner once more before the rounds: a seed set while building a later one (keras.utils.set_random_seed)
+    # clears TensorFlow's function caches, and the next call of every function made before it pays for its
+    # instantiation again (a HIGGS graph-mode call: +1.3 s). Its first round then read 8,387 ex/s against 26k
+    # after, and the graph runner left the race on it.
+    for runner in built:
+        runner.warm()
+    return built
 
 
 OUT_OF_RACE = 3.0   # after the first round, a runner this many times slower than its group's fastest stops
@@ -380,6 +393,9 @@ class JaxAnchor:
     def __init__(self, family: Family, seconds: float):
         self.family, self.seconds = family, seconds
         self.rates: list[float] = []
+
+    def warm(self) -> None:
+        """Nothing: each round is a fresh process that compiles before it measures."""
 
     def round(self) -> None:
         figures = jax_anchor(self.seconds)

@@ -249,7 +249,7 @@ class Engine:
         self._log_names: tuple[str, ...] | None = None
         self._eval_names: tuple[str, ...] | None = None
         self.train_one = self._compile(self._trace_counted("train", self.train_call_one))
-        self.train_many = self._compile(self._trace_counted("train", self.train_call_many))
+        self._many: dict[str, Callable] = {}   # the K-step calls, compiled when first run (_compiled_many)
         self.evaluate = self._compile(self._trace_counted("eval", self.eval_call))
 
     @property
@@ -461,44 +461,94 @@ class Engine:
         self._check_weights()
         return logs
 
-    def train_call_many(self, batches) -> dict:
+    def train_many(self, batches) -> dict:
         """K optimizer steps over stacked batches (every leaf [K, B, ...]); returns each log's mean over the
         applied steps (over all K when none was: what a wholly skipped call computed). The loop weights a
         call by its applied steps (the change of `applied`), so a skipped step is in no epoch figure.
 
-        Checked once per call, not per step, when it can be (see `checks_per_call`): the call keeps its state,
-        runs its K steps unguarded, then checks its losses and every model and optimizer variable once. Clean,
-        it is done; else its state is put back and the same K batches run again with the guard on every step
-        (`replayed_calls` counts these), so every outcome is the per-step guard's. A NaN or Inf in a gradient
-        reaches the optimizer's state or the weights, and from there the check: nothing makes it finite again
-        (gradient clipping by value and weight constraints could, so they keep the per-step guard). MNIST MLP
-        B=32 K=125 under XLA, interleaved in one process (2-core Xeon): 1.09x the examples/s on 2 threads,
-        1.15x on 1; the matmul-bound HIGGS MLP (B=500, K=10) within noise (0.96x and 1.20x in two runs)."""
+        Checked once per call, not per step, when it can be (see `checks_per_call`): the compiled call
+        (train_call_checked) keeps its state, runs its K steps unguarded, then checks its losses and every
+        model and optimizer variable once. Clean, it is done; else its state is put back and the same K
+        batches run again with the guard on every step (train_call_guarded; `replayed_calls` counts these), so
+        every outcome is the per-step guard's. A NaN or Inf in a gradient reaches the optimizer's state or the
+        weights, and from there the check: nothing makes it finite again (gradient clipping by value and weight
+        constraints could, so they keep the per-step guard). MNIST MLP B=32 K=125 under XLA, interleaved in
+        one process (2-core Xeon): 1.09x the examples/s on 2 threads, 1.15x on 1; the matmul-bound HIGGS MLP
+        (B=500, K=10) within noise (0.96x and 1.20x in two runs).
+
+        The replay is its own compiled function, traced and compiled only when a call first needs it: one
+        loop body in the first compile, not two (HIGGS MLP, K=10, 2-core Xeon, first call with its compile:
+        XLA 4.6-4.8 s with both bodies, 1.8-2.0 s with one; a plain graph 2.7-3.2 s against 1.1-1.3 s).
+        Reading the call's verdict costs one scalar per call, which the loop reads per call anyway."""
+        return self._many_steps(batches, self._compiled_many)
+
+    def train_call_many(self, batches) -> dict:
+        """train_many run eagerly, the same checks in the same order (the eager reference twin's call)."""
+        return self._many_steps(batches, lambda kind: self.train_call_checked if kind == "checked"
+                                else self.train_call_guarded)
+
+    def train_many_function(self):
+        """The compiled function a clean K-step call runs (for its concrete graph)."""
+        return self._compiled_many("checked" if self._checks_calls() else "guarded")
+
+    def _many_steps(self, batches, function: Callable[[str], Callable]) -> dict:
+        if not self._checks_calls():
+            return function("guarded")(batches)
+        logs, verdict = function("checked")(batches)
+        verdict = int(verdict)
+        if verdict in (CALL_CLEAN, CALL_UPDATES_OFF):
+            return logs
+        if verdict == CALL_PUT_BACK:
+            self.replayed_calls.assign_add(1)
+        return function("guarded")(batches)
+
+    def _checks_calls(self) -> bool:
+        if "checks" not in self._many:   # the engine's optimizers, constraints and state are fixed once built
+            self._many["checks"] = self.checks_per_call() and any(
+                tf.as_dtype(v.dtype).is_floating for v in self.state_variables)
+        return self._many["checks"]
+
+    def _compiled_many(self, kind: str) -> Callable:
+        """The compiled K-step call `kind` (checked | guarded), made on first use. The guarded one is the
+        trace ledger's "train" where calls are not checked once, else its "train replay"."""
+        if kind not in self._many:
+            fn = self.train_call_checked if kind == "checked" else self.train_call_guarded
+            name = "train replay" if kind == "guarded" and self._checks_calls() else "train"
+            self._many[kind] = self._compile(self._trace_counted(name, fn))
+        return self._many[kind]
+
+    def train_call_guarded(self, batches) -> dict:
+        """K steps over stacked batches, each under the per-step guard (see train_many)."""
+        spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
+        return self._steps(batches, self.log_names(spec), guarded=True)
+
+    def train_call_checked(self, batches) -> tuple[dict, tf.Tensor]:
+        """K steps over stacked batches unguarded, then one check (see train_many): (logs, verdict), the
+        verdict one of CALL_CLEAN, CALL_PUT_BACK (not finite: the state is as before the call, replay it
+        guarded), CALL_NOT_READY (the state held a non-finite value before the call, e.g. a variable that is
+        Inf on purpose, which would make every call replay: run it guarded) or CALL_UPDATES_OFF (the
+        pre-flight compiles the call with updates off: it ran, and the state is put back)."""
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
         names = self.log_names(spec)
         checked = [v for v in self.state_variables if tf.as_dtype(v.dtype).is_floating]
-        if not self.checks_per_call() or not checked:
-            return self._steps(batches, names, guarded=True)
         state = self.state_variables + self._metric_variables()
 
-        def guarded():
-            return self._steps(batches, names, guarded=True)
-
-        def unguarded():
+        def unchecked():
             before = [tf.identity(v) for v in state]
             logs = self._steps(batches, names, guarded=False)
+            clean = tf.math.is_finite(tf.add_n([logs[name] for name in self.loss_names] + _sums(checked)))
+            keep = tf.logical_and(clean, self.updates_on)
 
-            def replay():
+            def put_back():
                 for v, value in zip(state, before):
                     v.assign(value)
-                self.replayed_calls.assign_add(1)
-                return guarded()
-            clean = tf.math.is_finite(tf.add_n([logs[name] for name in self.loss_names] + _sums(checked)))
-            return tf.cond(clean, lambda: logs, replay)
-        # A state that is already non-finite (a variable holding Inf on purpose) would replay every call.
-        ready = tf.logical_and(tf.logical_and(self.first_non_finite_step < 0, self.updates_on),
-                               tf.math.is_finite(tf.add_n(_sums(checked))))
-        return tf.cond(ready, unguarded, guarded)
+                return tf.where(self.updates_on, CALL_PUT_BACK, CALL_UPDATES_OFF)
+            return logs, tf.cond(keep, lambda: tf.constant(CALL_CLEAN), put_back)
+
+        def not_ready():
+            return {name: tf.constant(0.0) for name in names}, tf.constant(CALL_NOT_READY)
+        ready = tf.logical_and(self.first_non_finite_step < 0, tf.math.is_finite(tf.add_n(_sums(checked))))
+        return tf.cond(ready, unchecked, not_ready)
 
     def checks_per_call(self) -> bool:
         """Whether a K-step call may run its steps unguarded and check once (train_call_many): not under
@@ -569,6 +619,7 @@ class Engine:
 
 
 CALL_CHECK_BYTES = 1 << 28   # 256 MiB of state: larger models keep the per-step guard (no second copy)
+CALL_CLEAN, CALL_PUT_BACK, CALL_NOT_READY, CALL_UPDATES_OFF = range(4)   # train_call_checked's verdicts
 DRAWS_PER_CALL = 64   # ctx.seed() draws one phase call may make before the next call's would repeat them
 
 

@@ -145,7 +145,7 @@ def verify(engine, batches: list, precision: Precision, stacked: bool, reference
     """
     steps = sum(int(tf.nest.flatten(b)[0].shape[0]) if stacked else 1 for b in batches)
     low_precision = precision.name != "float32"
-    train = engine.train_many if stacked else engine.train_one
+    train = engine.train_many_function() if stacked else engine.train_one
     touched = twin_random.touched_variables(train.get_concrete_function(batches[0])) if engine.mode != "eager" else ()
     state = SavedState(engine, touched)
     comp = snapshot(engine, run_steps(engine, batches, stacked, compiled=engine.mode != "eager"), every_variable=True)
