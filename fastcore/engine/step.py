@@ -250,6 +250,7 @@ class Engine:
         self._eval_names: tuple[str, ...] | None = None
         self.train_one = self._compile(self._trace_counted("train", self.train_call_one))
         self._many: dict[str, Callable] = {}   # the K-step calls, compiled when first run (_compiled_many)
+        self._calls_checked: bool | None = None   # whether K-step calls are checked once (_checks_calls)
         self.evaluate = self._compile(self._trace_counted("eval", self.eval_call))
 
     @property
@@ -503,10 +504,10 @@ class Engine:
         return function("guarded")(batches)
 
     def _checks_calls(self) -> bool:
-        if "checks" not in self._many:   # the engine's optimizers, constraints and state are fixed once built
-            self._many["checks"] = self.checks_per_call() and any(
+        if self._calls_checked is None:   # the engine's optimizers, constraints and state are fixed once built
+            self._calls_checked = self.checks_per_call() and any(
                 tf.as_dtype(v.dtype).is_floating for v in self.state_variables)
-        return self._many["checks"]
+        return self._calls_checked
 
     def _compiled_many(self, kind: str) -> Callable:
         """The compiled K-step call `kind` (checked | guarded), made on first use. The guarded one is the
@@ -551,7 +552,7 @@ class Engine:
         return tf.cond(ready, unchecked, not_ready)
 
     def checks_per_call(self) -> bool:
-        """Whether a K-step call may run its steps unguarded and check once (train_call_many): not under
+        """Whether a K-step call may run its steps unguarded and check once (train_many): not under
         float16 loss scaling (a skipped step is normal there) or tf.distribute (each replica would have to
         agree), nor where an optimizer clips gradients by value or a variable has a constraint: either can
         turn an Inf into a finite number the end-of-call check would not see; nor for a state over
