@@ -317,8 +317,8 @@ def runners(family: Family, round_seconds: float, fit_variants=FIT_VARIANTS, mod
     built = fit + fast + ceiling + jax
     # Each runner once more before the rounds: a seed set while building a later one (keras.utils.set_random_seed)
     # clears TensorFlow's function caches, and the next call of every function made before it pays for its
-    # instantiation again (a HIGGS graph-mode call: +1.3 s). Its first round then read 8,387 ex/s against 26k
-    # after, and the graph runner left the race on it.
+    # instantiation again (a HIGGS graph-mode call: 1,285 ms after a seed reset, 155-200 ms otherwise). The zoo's
+    # HIGGS graph runner read 8,387 ex/s in such a first round (about 26k after it, timed alone) and left the race.
     for runner in built:
         runner.warm()
     return built
@@ -368,16 +368,15 @@ def jax_missing() -> str | None:
     return None
 
 
-def jax_anchor(seconds: float) -> dict[str, float] | str:
-    """{model: JAX ex/s, float32} from jax_anchor.py in its own venv, or why it could not run."""
-    missing = jax_missing()
-    if missing:
-        return missing
+def jax_anchor(seconds: float) -> dict[str, float]:
+    """{model: JAX ex/s, float32} from one run of jax_anchor.py in its own venv (see jax_missing first);
+    RuntimeError (its last line) when it fails."""
     done = subprocess.run([JAX_PYTHON, "-c", _JAX_SYNC, str(JAX_ANCHOR), str(seconds)], capture_output=True, text=True,
                           timeout=600)
     found = {m[1]: float(m[2].replace(",", "")) for m in re.finditer(r"^jax (\S+) .* f32: ([\d,]+) ex/s$", done.stdout, re.M)}
     if done.returncode or not found:
-        return f"jax_anchor.py failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}"
+        raise RuntimeError(f"jax_anchor.py failed (exit {done.returncode}): "
+                           f"{(done.stderr.strip().splitlines() or [''])[-1]}")
     return found
 
 
@@ -399,8 +398,8 @@ class JaxAnchor:
 
     def round(self) -> None:
         figures = jax_anchor(self.seconds)
-        if not isinstance(figures, dict) or self.family.jax not in figures:
-            raise RuntimeError(figures if isinstance(figures, str) else f"jax_anchor.py printed no {self.family.jax} line")
+        if self.family.jax not in figures:
+            raise RuntimeError(f"jax_anchor.py printed no {self.family.jax} line")
         self.rates.append(figures[self.family.jax])
 
 

@@ -108,23 +108,42 @@ def choose(main: Callable[[], object], refresh: bool = False, verbose: bool = Tr
     target = _target(main)
     if tensorflow_started():
         return ThreadChoice(None, "all cores: TensorFlow had already started in this process (choose before any op)")
-    key = cache_key(target)
-    entry = None if refresh else calibrate.cached(key)
-    cached, noisy = plausible(entry), []
-    if not cached:
-        try:
-            with phases.speaking() if verbose else contextlib.nullcontext(), phases.phase(
-                    "threads: timing the step on 1 thread and on all, one child process each"):
-                timed = {"one": _time_in_child(1, target), "all": _time_in_child(0, target)}
-        except RuntimeError as failed:
-            return ThreadChoice(None, f"all cores: {failed}")
-        entry = {name: seconds for name, (seconds, _) in timed.items()}
-        noisy = [name for name, (_, noise) in timed.items() if noise]
-        if not noisy:
-            calibrate.store(key, entry)
+    def time_both():
+        with phases.speaking() if verbose else contextlib.nullcontext(), phases.phase(
+                "threads: timing the step on 1 thread and on all, one child process each"):
+            return {"one": _time_in_child(1, target), "all": _time_in_child(0, target)}
+    try:
+        entry, cached, noisy = cached_or_timed(cache_key(target), time_both, refresh)
+    except Implausible:
+        return ThreadChoice(None, "all cores: the step's timing was implausible")
+    except RuntimeError as failed:
+        return ThreadChoice(None, f"all cores: {failed}")
     count, why = verdict(entry, cached, noisy)
     use(count)
     return ThreadChoice(count, f"{'1 thread' if count else 'all cores'}: {why}")
+
+
+class Implausible(RuntimeError):
+    """A fresh timing outside PLAUSIBLE_SECONDS: neither used nor cached."""
+
+
+def cached_or_timed(key: str, time_both: Callable[[], dict], refresh: bool = False) -> tuple[dict, bool, list]:
+    """(entry {"one": s, "all": s} seconds per example, whether it came from the cache, the names timed noisily)
+    for the answer under `key`: the cached one when plausible (and not `refresh`), else `time_both()`'s
+    ({"one": (seconds, noise or None), "all": ...}), cached unless noisy. The rule both choose() and the CLI's
+    --threads auto follow. Raises RuntimeError when the step cannot be timed, Implausible when its timing is
+    absurd."""
+    entry = None if refresh else calibrate.cached(key)
+    if plausible(entry):
+        return entry, True, []
+    timed = time_both()
+    entry = {name: seconds for name, (seconds, _) in timed.items()}
+    if not plausible(entry):
+        raise Implausible(f"{entry}")
+    noisy = [name for name, (_, noise) in timed.items() if noise]
+    if not noisy:
+        calibrate.store(key, entry)
+    return entry, False, noisy
 
 
 def cache_key(target: dict) -> str:

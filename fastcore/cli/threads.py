@@ -28,7 +28,8 @@ import tempfile
 
 from fastcore import children
 from fastcore.observe import calibrate, phases, timing   # no TensorFlow: both are safe before threads are set
-from fastcore.threads import plausible, seconds_per_example, tensorflow_started, use, verdict
+from fastcore.threads import (Implausible, cached_or_timed, plausible, seconds_per_example, tensorflow_started,
+                              use, verdict)
 
 KEY_VERSION = 2   # bump when what a configuration runs changes (2: auto may run bfloat16 as a plain graph)
 
@@ -69,24 +70,17 @@ def resumed_count(config) -> int | None:
 def choose(config) -> tuple[int | None, str]:
     """(1 or None, why) for a RunConfig: one thread when the run's step is measurably faster on one."""
     fields = step_cost(config)
-    key = cache_key(config)
-    entry = calibrate.cached(key)
-    cached = plausible(entry)
-    noisy = []
-    if not cached:
-        try:
-            with tempfile.TemporaryDirectory(prefix="fastcore-threads-") as scratch, phases.phase(
-                    "--threads auto: timing the step on 1 thread and on all, one child process each"):
-                timed = {"one": _time_in_child(1, fields, scratch), "all": _time_in_child(0, fields, scratch)}
-        except RuntimeError:   # bad data or flags: the run itself reports them in its one line
-            return None, "the step could not be timed, so all cores"
-        entry = {name: best for name, (best, _) in timed.items()}
-        if not plausible(entry):
-            return None, "the step's timing was implausible, so all cores"
-        noisy = [name for name, (_, noise) in timed.items() if noise]
-        if not noisy:
-            calibrate.store(key, entry)
-    return verdict(entry, cached, noisy)
+
+    def time_both():
+        with tempfile.TemporaryDirectory(prefix="fastcore-threads-") as scratch, phases.phase(
+                "--threads auto: timing the step on 1 thread and on all, one child process each"):
+            return {"one": _time_in_child(1, fields, scratch), "all": _time_in_child(0, fields, scratch)}
+    try:
+        return verdict(*cached_or_timed(cache_key(config), time_both))
+    except Implausible:
+        return None, "the step's timing was implausible, so all cores"
+    except RuntimeError:   # bad data or flags: the run itself reports them in its one line
+        return None, "the step could not be timed, so all cores"
 
 
 def recheck(config, count: int | None, examples_per_sec: float | None) -> str | None:

@@ -17,7 +17,7 @@ from fastcore.observe import flops, phases, tensorboard
 def guard(engine, k: int) -> dict:
     """How the finiteness guard checked the run's calls (fastcore.engine.step.Engine.train_many), and how
     many calls it ran again with every step checked."""
-    return {"checked": "per call" if k > 1 and engine.checks_per_call() else "per step",
+    return {"checked": "per call" if k > 1 and engine.calls_checked_once() else "per step",
             "replayed_calls": int(engine.replayed_calls.numpy())}
 
 

@@ -250,7 +250,7 @@ class Engine:
         self._eval_names: tuple[str, ...] | None = None
         self.train_one = self._compile(self._trace_counted("train", self.train_call_one))
         self._many: dict[str, Callable] = {}   # the K-step calls, compiled when first run (_compiled_many)
-        self._calls_checked: bool | None = None   # whether K-step calls are checked once (_checks_calls)
+        self._calls_checked: bool | None = None   # whether K-step calls are checked once (calls_checked_once)
         self.evaluate = self._compile(self._trace_counted("eval", self.eval_call))
 
     @property
@@ -479,7 +479,7 @@ class Engine:
 
         The replay is its own compiled function, traced and compiled only when a call first needs it: one
         loop body in the first compile, not two (HIGGS MLP, K=10, 2-core Xeon, first call with its compile:
-        XLA 4.6-4.8 s with both bodies, 1.8-2.0 s with one; a plain graph 2.7-3.2 s against 1.1-1.3 s).
+        XLA 4.6-4.8 s with both bodies, 1.8-2.0 s with one; a plain graph 2.7-3.2 s against 1.0-1.2 s).
         Reading the call's verdict costs one scalar per call, which the loop reads per call anyway."""
         return self._many_steps(batches, self._compiled_many)
 
@@ -490,10 +490,10 @@ class Engine:
 
     def train_many_function(self):
         """The compiled function a clean K-step call runs (for its concrete graph)."""
-        return self._compiled_many("checked" if self._checks_calls() else "guarded")
+        return self._compiled_many("checked" if self.calls_checked_once() else "guarded")
 
     def _many_steps(self, batches, function: Callable[[str], Callable]) -> dict:
-        if not self._checks_calls():
+        if not self.calls_checked_once():
             return function("guarded")(batches)
         logs, verdict = function("checked")(batches)
         verdict = int(verdict)
@@ -503,7 +503,9 @@ class Engine:
             self.replayed_calls.assign_add(1)
         return function("guarded")(batches)
 
-    def _checks_calls(self) -> bool:
+    def calls_checked_once(self) -> bool:
+        """Whether this engine's K-step calls run unguarded and are checked once (checks_per_call, and a float
+        variable to check), decided on first use."""
         if self._calls_checked is None:   # the engine's optimizers, constraints and state are fixed once built
             self._calls_checked = self.checks_per_call() and any(
                 tf.as_dtype(v.dtype).is_floating for v in self.state_variables)
@@ -514,7 +516,7 @@ class Engine:
         trace ledger's "train" where calls are not checked once, else its "train replay"."""
         if kind not in self._many:
             fn = self.train_call_checked if kind == "checked" else self.train_call_guarded
-            name = "train replay" if kind == "guarded" and self._checks_calls() else "train"
+            name = "train replay" if kind == "guarded" and self.calls_checked_once() else "train"
             self._many[kind] = self._compile(self._trace_counted(name, fn))
         return self._many[kind]
 
