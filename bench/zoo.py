@@ -6,7 +6,8 @@ compiled paths on the first batches and keeps the fastest) and its `mode="xla"` 
 for a model of Dense layers only (the two MLPs), the dots ceiling (`DotsCeiling`: the step's matrix
 products alone, the most any training step of those shapes can reach).
 Rounds are interleaved (each runner trains about `round_seconds` per round, the order rotating), so
-a neighbour's load hits every runner alike; a runner's figure is the median of its rounds. Data are
+a neighbour's load hits every runner alike; a runner's figure is the median of its rounds, a ratio the
+median of its per-round ratios (`paired`). Data are
 seeded synthetic arrays of the real shapes. JAX + optax (`../shared/tools/jax_anchor.py`, the two
 MLPs) runs in its own venv as a subprocess: jax must not be installed beside TensorFlow.
 """
@@ -343,6 +344,14 @@ def interleave(runners: list, rounds: int, keep: str = "fastcore_auto") -> dict[
             if r == 0 or runner.name == keep or runner.rates[0] * OUT_OF_RACE >= fastest[group(runner)]:
                 runner.round()
     return {runner.name: statistics.median(runner.rates) for runner in runners}
+
+
+def paired(a, b) -> dict:
+    """`a`'s figure over `b`'s, round by round over the rounds both ran: {"median", "low", "high", "rounds"}.
+    Each pair of figures was taken seconds apart in one round, so a VM whose speed drifts from round to round
+    moves both sides of a ratio alike; a ratio of two medians can pair different moments."""
+    ratios = [x / y for x, y in zip(a.rates, b.rates)]
+    return {"median": statistics.median(ratios), "low": min(ratios), "high": max(ratios), "rounds": len(ratios)}
 
 
 def verdict(family: str, ratio: float, floor: float) -> str | None:
