@@ -24,12 +24,14 @@ class PerStepGuard(Engine):
         return False
 
 
-def pair(mode="xla", optimizer=lambda: keras.optimizers.Adam(1e-2), step=mse_step, model=bn_mlp):
-    """(the default engine, the per-step reference) on the same model, weights and optimizer."""
+def pair(mode="xla", optimizer=lambda: keras.optimizers.Adam(1e-2), step=mse_step, model=bn_mlp, unroll=(False, False)):
+    """(the default engine, the per-step reference) on the same model, weights and optimizer; `unroll`: whether
+    each unrolls its K steps (Engine._steps)."""
     out = []
-    for cls in (Engine, PerStepGuard):
+    for cls, unroll_steps in zip((Engine, PerStepGuard), unroll):
         m = model()
-        out.append(cls({"model": m}, {"optimizer": optimizer()}, step(m), global_batch_size=BATCH, mode=mode))
+        out.append(cls({"model": m}, {"optimizer": optimizer()}, step(m), global_batch_size=BATCH, mode=mode,
+                       unroll_steps=unroll_steps))
     return out
 
 
@@ -174,3 +176,21 @@ def test_a_state_non_finite_on_purpose_trains_under_the_per_step_guard_without_r
     assert int(checked.replayed_calls.numpy()) == 0
     assert int(checked.applied.numpy()) == K and int(checked.first_non_finite_step.numpy()) == -1
     assert_identical(checked, reference)
+
+
+def loop_ops(engine, batches) -> set[str]:
+    graph = engine.train_many_function().get_concrete_function(batches).graph
+    return {op.type for op in graph.get_operations() if "While" in op.type}
+
+
+@pytest.mark.parametrize("mode", ["xla", "graph"])
+def test_unrolled_steps_end_where_the_loop_ends_and_hold_no_loop(mode):
+    """A convnet on a CPU unrolls XLA's K steps (fastcore.engine.pathchoice): the same steps, checks and
+    replays as the while loop, traced one after another at the call's top level."""
+    unrolled, looped = pair(mode, unroll=(True, False))
+    for engine in (unrolled, looped):
+        engine.train_many(stacked(range(K)))
+        engine.train_many(stacked(range(K, 2 * K), nan_at=2))   # put back, replayed under the per-step guard
+    assert_identical(unrolled, looped)
+    assert int(unrolled.first_non_finite_step.numpy()) == K + 3 and int(unrolled.replayed_calls.numpy()) == 1   # counted from 1
+    assert loop_ops(unrolled, stacked(range(K))) == set() and loop_ops(looped, stacked(range(K)))

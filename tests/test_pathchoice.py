@@ -109,13 +109,51 @@ def test_choose_prefers_the_first_listed_path_on_a_near_tie(monkeypatch):
     assert (path.mode, path.steps_per_call) == ("graph", 1)
 
 
-def test_a_convnet_on_a_cpu_is_not_timed_as_looped_xla_and_says_why():
-    def conv():
-        return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
-                                 keras.layers.Dense(1)])
-    x, y = rng.normal(size=(256, 8, 8, 1)).astype("float32"), rng.normal(size=(256, 1)).astype("float32")
+def conv():
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                             keras.layers.Dense(1)])
+
+
+CONV_X, CONV_Y = rng.normal(size=(512, 8, 8, 1)).astype("float32"), rng.normal(size=(512, 1)).astype("float32")
+
+
+def test_a_convnet_on_a_cpu_is_timed_with_xla_steps_unrolled_and_says_so(monkeypatch):
+    monkeypatch.setattr(pathchoice, "UNROLL_WORTH", float("inf"))   # XLA's one step never too slow to try
     trainer = fastcore.Trainer(conv, keras.optimizers.SGD(0.01), loss="mse")
-    result = trainer.fit(x, y, batch_size=32, epochs=1, verbose=False)
-    assert set(trainer.path.rates) == {"xla/1", "graph/1", "graph/K"}
-    assert "XLA with K steps per call not timed" in result.summary["mode_reason"]
-    assert result.summary["steps_per_call"] == 1 or result.summary["mode"] == "graph"
+    result = trainer.fit(CONV_X, CONV_Y, batch_size=16, epochs=1, verbose=False)   # 32 steps per epoch
+    assert set(trainer.path.rates) == {"xla/1", "graph/1", "xla/K", "graph/K"}
+    reason = result.summary["mode_reason"]
+    assert f"xla/{pathchoice.UNROLLED_MOST} " in reason and "graph/32 " in reason   # XLA unrolls 8 of the 32
+    assert "XLA's steps unrolled (a convnet on a CPU" in reason
+    assert trainer.engine.unroll_steps == (trainer.run_mode == "xla")
+
+
+def test_unrolled_xla_is_not_compiled_when_its_one_step_is_far_behind_a_graphs(monkeypatch, tmp_path, quiet_timing):
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path))   # timed here, not read from another test's cache
+    one_step = iter([0.3, 0.1])   # xla/1, then graph/1: XLA's step 3x a graph's
+
+    def scripted(call):
+        call()   # it compiles, as the real one does
+        return next(one_step)
+    monkeypatch.setattr(pathchoice, "_compiled_then_timed", scripted)
+    trainer = fastcore.Trainer(conv, keras.optimizers.SGD(0.01), loss="mse")
+    feed = trainer.feed(CONV_X, CONV_Y, batch_size=16)
+    path = trainer._paths[16]
+    assert set(path.rates) == {"xla/1", "graph/1", "graph/K"}
+    assert "; XLA's steps not timed unrolled (a convnet on a CPU): XLA's one step ran " in path.reason
+    assert feed.batch_size == 16
+    again = fastcore.Trainer(conv, keras.optimizers.SGD(0.01), loss="mse")   # the timing without it is cached
+    again.feed(CONV_X, CONV_Y, batch_size=16)
+    assert again._paths[16].reason.endswith("x a graph's") and "(cached)" in again._paths[16].reason
+
+
+def test_a_convnet_under_requested_xla_unrolls_the_steps_it_is_asked_for():
+    trainer = fastcore.Trainer(conv, keras.optimizers.SGD(0.01), loss="mse", mode="xla", steps_per_call=4)
+    feed = trainer.feed(CONV_X, CONV_Y, batch_size=16)
+    engine = trainer.build(feed)
+    assert engine.unroll_steps and trainer.path.steps_per_call == 4
+    calls = next(iter(feed.dataset))
+    engine.train_many(calls)
+    assert int(engine.steps.numpy()) == 4
+    graph = engine.train_many_function().get_concrete_function(calls).graph
+    assert not [op for op in graph.get_operations() if "While" in op.type]

@@ -90,6 +90,11 @@ class Assembly:
         return any(kind.__name__.startswith(("Conv", "BaseConv", "BaseDepthwiseConv", "BaseSeparableConv"))
                    for layer in layers for kind in type(layer).__mro__)
 
+    def unrolls_xla_steps(self) -> bool:
+        """Whether K-step XLA calls unroll their steps (Engine._steps): a convolutional model on a machine
+        without a GPU, where XLA:CPU's while loop hides convolutions from the pass that makes them fast."""
+        return self.convolutional() and not tf.config.list_physical_devices("GPU")
+
     def describe(self) -> str:
         """The models' kinds and variable shapes: what a cached timing of their step is keyed by."""
         return ";".join(f"{n}:{type(m).__name__}:" + ",".join(str(v.shape) for v in getattr(m, "trainable_variables", ()))
@@ -130,7 +135,8 @@ class Assembly:
             step_fn = loss_step(model, self.loss, metrics=train_metrics, loss_weights=self.loss_weights)
             eval_fn = loss_eval(model, self.loss, metrics, loss_weights=self.loss_weights)
         settings = dict(eval_fn=eval_fn, mode=mode, global_batch_size=batch_size, seed=self.seed,
-                        loss_scaling=precision.loss_scaling, max_shapes=self.max_shapes)
+                        loss_scaling=precision.loss_scaling, max_shapes=self.max_shapes,
+                        unroll_steps=mode == "xla" and self.unrolls_xla_steps())
         if distributed and self.strategy is not None:
             from fastcore.engine.distributed import DistributedEngine
             return DistributedEngine(self.strategy, models, optimizers, step_fn, **settings)

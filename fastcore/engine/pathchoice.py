@@ -16,7 +16,8 @@ judged itself noisy ("noisy, not cached": used by this run, timed again by the n
 run contradicts (its own steady step far from the cached rate of the path it ran, `recheck`) is dropped.
 Budget, measured on a 2-core Xeon (avx512_bf16, no AMX) with other work on half its CPUs: the MNIST MLP
 (batch 32, K 50) 7.4-9.9 s on a first run, most of it the four compiles; 0.12 s once cached.
-A convolutional model on a machine without a GPU is not timed as XLA with K steps (_xla_cpu_convolutions).
+A convolutional model on a machine without a GPU runs XLA's K steps unrolled, not looped (Engine._steps), at
+most UNROLLED_MOST of them, and only when XLA's one step is within UNROLL_WORTH of a graph's.
 Each candidate trains with fresh optimizers, on fresh models from a factory or on the run's own models
 (passed built), whose weights are put back afterwards.
 """
@@ -39,6 +40,14 @@ OUT_OF_RACE = 2.0       # a candidate this many times slower than the best is no
 CALL_SECONDS = 0.5      # K-step candidates are timed with at most about this long a call (see timing_k)
 PREFERENCE = ("xla/K", "xla/1", "graph/K", "graph/1")   # the default first: on a near tie the first listed wins
 TIE = 1.05              # ...within 5% of the fastest
+# XLA's steps per call when they are unrolled (a convnet on a CPU): compile time grows with them. The zoo's text
+# model (2-core Xeon, avx512_bf16): compiles 1.5 s at 1, 5.6 s at 8, 10.5 s at 16; 8 unrolled ran 1.09x Keras
+# fit at its best where 1 step per call ran 1.01x (16 gained 3% more over 8 in a hand-written loop).
+UNROLLED_MOST = 8
+# ...timed only when XLA's one step takes less than this many times a graph step's: unrolling gained the text
+# model 1.07-1.12x over one step per call, and where XLA's one step is far behind (the BN convnet: 3x a graph
+# step's) no unrolling closes the gap, and its compile is the slowest of all.
+UNROLL_WORTH = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +70,21 @@ def resolve(mode: str, requested_k: int | None, precision_name: str, assembly, f
         k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying),
                                                   most=most)
         return Path(mode, k, "requested" if mode == requested else "auto: XLA under a strategy (not timed)")
-    k = requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying))
+    def k_at_most(most: int) -> int:
+        return requested_k or feeding.steps_per_call(feed.batch_size, feed.steps_per_epoch, varying=bool(feed.varying),
+                                                     most=most)
+    k = k_at_most(MAX_STEPS_PER_CALL)
+    unrolled = assembly.unrolls_xla_steps()
+    xla_k = k_at_most(UNROLLED_MOST) if unrolled else k
     precision = Precision(precision_name if precision_name != "auto" else "float32", "timing")
-    looped_xla = not _xla_cpu_convolutions(assembly)
     try:
         threads = tf.config.threading.get_intra_op_parallelism_threads()   # 0: TensorFlow's default, all
-        key = f"{_describe(assembly, feed)}/b{feed.batch_size}/k{k}/{precision.name}/threads{threads}"
-        path = choose(assembly, precision, lambda n: list(feed.dataset.take(n)), feed.batch_size, k, key, looped_xla)
+        key = (f"{_describe(assembly, feed)}/b{feed.batch_size}/k{k}" + (f"/unrolled{xla_k}" if unrolled else "")
+               + f"/{precision.name}/threads{threads}")
+        return choose(assembly, precision, lambda n: list(feed.dataset.take(n)), feed.batch_size, k, key,
+                      xla_k=xla_k, unrolled=unrolled)
     except Exception as e:   # the run's own step raises it again, where fastcore reports it in one line
-        return Path("xla", k if looped_xla else 1, f"auto: xla, not timed (the step raised {type(e).__name__})")
-    if not looped_xla:
-        return dataclasses.replace(path, reason=path.reason + "; XLA with K steps per call not timed (a convnet "
-                                                              "on a CPU: 0.02x a plain graph, BENCHMARKS.md)")
-    return path
+        return Path("xla", 1 if unrolled else k, f"auto: xla, not timed (the step raised {type(e).__name__})")
 
 
 def recheck(path: Path, summary: dict) -> str | None:
@@ -92,15 +103,6 @@ def recheck(path: Path, summary: dict) -> str | None:
             f"timing said {rates[candidate]:,.0f}: dropped from the cache, timed again next run")
 
 
-def _xla_cpu_convolutions(assembly) -> bool:
-    """A convolutional model on a machine without a GPU. XLA:CPU lowers convolution gradients inside the
-    K-step loop to element-at-a-time kernels (its canonicalization pass skips loop bodies): the BN convnet
-    ran 0.02x a plain graph at K=4, and that compile took 72 s, too long to time on every first run. One
-    step per call is timed: there it varies by model (in auto's own timing, the BN convnet 0.30x a graph,
-    an Embedding + Conv1D text model 1.06x)."""
-    return assembly.convolutional() and not tf.config.list_physical_devices("GPU")
-
-
 def _describe(assembly, feed) -> str:
     """What the step's speed depends on: the models' layers and shapes, the step, the batch's spec."""
     step = getattr(assembly.step_fn, "__qualname__", type(assembly.step_fn).__name__)
@@ -109,17 +111,20 @@ def _describe(assembly, feed) -> str:
 
 
 def choose(assembly, precision: Precision, batches: Callable[[int], list], batch_size: int, k: int,
-           key: str, looped_xla: bool = True) -> Path:
+           key: str, xla_k: int | None = None, unrolled: bool = False) -> Path:
     """The fastest path for this model: cached under `key`, else timed on the run's first batches.
-    `looped_xla`: whether XLA with K steps per call is a candidate."""
+    `xla_k`: XLA's steps per call (default k); `unrolled`: they are unrolled (Engine._steps), and timed only
+    when XLA's one step is within UNROLL_WORTH of a graph's."""
+    xla_k = xla_k or k
     options = {"xla/1": ("xla", 1), "graph/1": ("graph", 1)}
+    if xla_k > 1:
+        options["xla/K"] = ("xla", xla_k)
     if k > 1:
-        options.update({"xla/K": ("xla", k)} if looped_xla else {})
         options["graph/K"] = ("graph", k)
     rates, source = calibrate.cached(f"path/{key}"), "cached"
-    if not _plausible(rates, options):
+    if not _plausible(rates, options, unrolled):
         start = time.perf_counter()
-        timed, work = measure(assembly, precision, options, batches, batch_size)
+        timed, work = measure(assembly, precision, options, batches, batch_size, unrolled)
         rates = timed.rates(work)
         source = (f"timed now in {time.perf_counter() - start:.1f} s"
                   + (f", noisy ({timed.noise}), not cached" if timed.noise else ""))
@@ -129,20 +134,36 @@ def choose(assembly, precision: Precision, batches: Callable[[int], list], batch
     # a near tie goes to the path asked for most often (and first-class on GPUs)
     best = next(name for name in PREFERENCE if name in rates and rates[name] * TIE >= rates[fastest])
     mode, steps = options[best]
-    figures = ", ".join(f"{_label(name, k)} {rate:,.0f}" for name, rate in rates.items())
-    tie = (f"; {_label(fastest, k)} within {TIE - 1:.0%}: a near tie keeps {_label(best, k)}, listed first"
+
+    def label(name: str) -> str:
+        return _label(name, options[name][1])
+    figures = ", ".join(f"{label(name)} {rate:,.0f}" for name, rate in rates.items())
+    tie = (f"; {label(fastest)} within {TIE - 1:.0%}: a near tie keeps {label(best)}, listed first"
            if best != fastest else "")
-    return Path(mode, steps, f"auto: {mode}, {steps} step(s) per call; {figures} ex/s{tie} ({source})", rates,
-                key, precision.name)
+    return Path(mode, steps, f"auto: {mode}, {steps} step(s) per call; {figures} ex/s{tie} ({source})"
+                + _unrolled_note(options, rates, unrolled), rates, key, precision.name)
+
+
+def _unrolled_note(options: dict, rates: dict, unrolled: bool) -> str:
+    """What auto did with XLA's K steps for a convnet on a CPU (nothing to say otherwise)."""
+    if not unrolled or "xla/K" not in options:
+        return ""
+    if "xla/K" in rates:
+        return "; XLA's steps unrolled (a convnet on a CPU: XLA's K-step loop ran 0.02x a plain graph, BENCHMARKS.md)"
+    return (f"; XLA's steps not timed unrolled (a convnet on a CPU): XLA's one step ran "
+            f"{rates['xla/1'] / rates['graph/1']:.2f}x a graph's")
 
 
 def _label(name: str, k: int) -> str:
     return name.replace("/K", f"/{k}")
 
 
-def _plausible(rates, options) -> bool:
-    return (isinstance(rates, dict) and set(rates) == set(options)
-            and all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in rates.values()))
+def _plausible(rates, options, unrolled: bool = False) -> bool:
+    """Cached figures for every candidate (an unrolled XLA one may have been left out: measure)."""
+    if not isinstance(rates, dict) or "xla/1" not in rates or "graph/1" not in rates:
+        return False
+    expected = [set(options)] + ([set(options) - {"xla/K"}] if unrolled else [])
+    return set(rates) in expected and all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in rates.values())
 
 
 def timing_k(k: int, single_step_seconds: float) -> int:
@@ -152,9 +173,10 @@ def timing_k(k: int, single_step_seconds: float) -> int:
 
 
 def measure(assembly, precision: Precision, options: dict, batches: Callable[[int], list],
-            batch_size: int) -> tuple[timing.Timing, dict[str, int]]:
+            batch_size: int, unrolled: bool = False) -> tuple[timing.Timing, dict[str, int]]:
     """Each candidate's training call timed in interleaved rounds, and the examples one call of each trains;
-    every timed model's weights put back."""
+    every timed model's weights put back. Unrolled XLA (`unrolled`) is left out, not compiled, when XLA's one
+    step took over UNROLL_WORTH times a graph step's."""
     engines = {name: _throwaway_engine(assembly, precision, mode, batch_size) for name, (mode, _) in options.items()}
     first = batches(1)[0]
     touched = [v for name, (_, steps) in options.items() if steps == 1
@@ -165,12 +187,14 @@ def measure(assembly, precision: Precision, options: dict, batches: Callable[[in
         work = dict.fromkeys(calls, batch_size)
         k = max(steps for _, steps in options.values())
         if k > 1:   # one step's time (after the compile) sizes the K-step calls
-            one_step = min(_compiled_then_timed(call) for call in calls.values())
-            timed_k = timing_k(k, one_step)
-            stacked = _stack(batches(timed_k))
+            one_step = {name: _compiled_then_timed(call) for name, call in calls.items()}
+            timed_k = timing_k(k, min(one_step.values()))
+            if unrolled and one_step["xla/1"] > UNROLL_WORTH * one_step["graph/1"]:
+                options = {name: option for name, option in options.items() if name != "xla/K"}
             for name, (_, steps) in options.items():
-                if steps > 1:
-                    calls[name], work[name] = _call(engines[name].train_many, stacked), batch_size * timed_k
+                if steps > 1:   # an unrolled call compiles each of its steps: never more than it will run
+                    n = min(steps, timed_k)
+                    calls[name], work[name] = _call(engines[name].train_many, _stack(batches(n))), batch_size * n
         return timing.interleaved(calls, BUDGET_SECONDS, LEAST, MOST, behind=OUT_OF_RACE, work=work), work
     finally:
         put_back()

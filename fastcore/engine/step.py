@@ -221,14 +221,16 @@ class Engine:
     updated 3 times per generator update, each update guarded);
     `eval_fn(batch, ctx) -> {name: per-example [B] values}` (optional).
     `mode`: xla (tf.function(jit_compile=True)), graph (plain tf.function) or eager (the reference twin).
+    `unroll_steps`: a K-step call traces its K steps one after another instead of as a tf.while_loop (see
+    _steps: what XLA:CPU needs for a convolutional model).
     """
 
     def __init__(self, models: dict, optimizers: dict, step_fn: StepFn, *, eval_fn: EvalFn | None = None,
                  mode: str = "xla", global_batch_size: int, seed: int = 0, loss_scaling: bool = False,
-                 max_shapes: int = DEFAULT_MAX_SHAPES):
+                 max_shapes: int = DEFAULT_MAX_SHAPES, unroll_steps: bool = False):
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        self.models, self.optimizers, self.mode = models, optimizers, mode
+        self.models, self.optimizers, self.mode, self.unroll_steps = models, optimizers, mode, unroll_steps
         self.step_fn, self.eval_fn = step_fn, eval_fn
         self.global_batch_size, self.seed, self.loss_scaling = global_batch_size, seed, loss_scaling
         self.ledger = TraceLedger(max_shapes=max_shapes)
@@ -251,6 +253,7 @@ class Engine:
         self.train_one = self._compile(self._trace_counted("train", self.train_call_one))
         self._many: dict[str, Callable] = {}   # the K-step calls, compiled when first run (_compiled_many)
         self._calls_checked: bool | None = None   # whether K-step calls are checked once (calls_checked_once)
+        self._met_non_finite_state = False   # a call found the state non-finite before it ran (CALL_NOT_READY)
         self.evaluate = self._compile(self._trace_counted("eval", self.eval_call))
 
     @property
@@ -493,7 +496,7 @@ class Engine:
         return self._compiled_many("checked" if self.calls_checked_once() else "guarded")
 
     def _many_steps(self, batches, function: Callable[[str], Callable]) -> dict:
-        if not self.calls_checked_once():
+        if not self.calls_checked_once() or self._met_non_finite_state:
             return function("guarded")(batches)
         logs, verdict = function("checked")(batches)
         verdict = int(verdict)
@@ -501,6 +504,8 @@ class Engine:
             return logs
         if verdict == CALL_PUT_BACK:
             self.replayed_calls.assign_add(1)
+        else:   # CALL_NOT_READY: a state non-finite on purpose would make every checked call run twice
+            self._met_non_finite_state = True
         return function("guarded")(batches)
 
     def calls_checked_once(self) -> bool:
@@ -529,29 +534,29 @@ class Engine:
         """K steps over stacked batches unguarded, then one check (see train_many): (logs, verdict), the
         verdict one of CALL_CLEAN, CALL_PUT_BACK (not finite: the state is as before the call, replay it
         guarded), CALL_NOT_READY (the state held a non-finite value before the call, e.g. a variable that is
-        Inf on purpose, which would make every call replay: run it guarded) or CALL_UPDATES_OFF (the
-        pre-flight compiles the call with updates off: it ran, and the state is put back)."""
+        Inf on purpose, which would make every call replay: the state is put back, the call runs guarded, and
+        so do the engine's later calls) or CALL_UPDATES_OFF (the pre-flight compiles the call with updates off:
+        it ran, and the state is put back).
+
+        The steps run at the call's top level, not inside a tf.cond: XLA:CPU's convolution canonicalization
+        visits only the top level (see _steps), so a convnet's unrolled steps in a branch compiled to the same
+        slow kernels as its while loop (the text model, 8 steps unrolled: 86 ex/s in a branch, 3,453 at the top level).
+        A state not ready then costs one call run twice, once per engine."""
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), batches)
         names = self.log_names(spec)
         checked = [v for v in self.state_variables if tf.as_dtype(v.dtype).is_floating]
         state = self.state_variables + self._metric_variables()
-
-        def unchecked():
-            before = [tf.identity(v) for v in state]
-            logs = self._steps(batches, names, guarded=False)
-            clean = tf.math.is_finite(tf.add_n([logs[name] for name in self.loss_names] + _sums(checked)))
-            keep = tf.logical_and(clean, self.updates_on)
-
-            def put_back():
-                for v, value in zip(state, before):
-                    v.assign(value)
-                return tf.where(self.updates_on, CALL_PUT_BACK, CALL_UPDATES_OFF)
-            return logs, tf.cond(keep, lambda: tf.constant(CALL_CLEAN), put_back)
-
-        def not_ready():
-            return {name: tf.constant(0.0) for name in names}, tf.constant(CALL_NOT_READY)
         ready = tf.logical_and(self.first_non_finite_step < 0, tf.math.is_finite(tf.add_n(_sums(checked))))
-        return tf.cond(ready, unchecked, not_ready)
+        before = [tf.identity(v) for v in state]
+        logs = self._steps(batches, names, guarded=False)
+        clean = tf.math.is_finite(tf.add_n([logs[name] for name in self.loss_names] + _sums(checked)))
+        keep = tf.logical_and(tf.logical_and(ready, clean), self.updates_on)
+
+        def put_back():
+            for v, value in zip(state, before):
+                v.assign(value)
+            return tf.where(ready, tf.where(self.updates_on, CALL_PUT_BACK, CALL_UPDATES_OFF), CALL_NOT_READY)
+        return logs, tf.cond(keep, lambda: tf.constant(CALL_CLEAN), put_back)
 
     def checks_per_call(self) -> bool:
         """Whether a K-step call may run its steps unguarded and check once (train_many): not under
@@ -571,7 +576,12 @@ class Engine:
     single_device = True   # fastcore.engine.distributed's engine says False
 
     def _steps(self, batches, names, guarded: bool) -> dict:
-        """The K-step loop of train_call_many, each step guarded or not."""
+        """The K-step loop of train_call_many, each step guarded or not: a tf.while_loop, or with
+        `unroll_steps` (and K known when traced) the K steps traced one after another. XLA:CPU's convolution
+        canonicalization visits only a computation's top level, so a convolution's gradient inside a while
+        loop body compiles to element-at-a-time kernels (the BN convnet's K-step loop ran 0.02x a plain
+        graph, BENCHMARKS.md); unrolled, every step is top level. Compile time grows with K."""
+        leading = tf.nest.flatten(batches)[0].shape[0]
         k = tf.shape(tf.nest.flatten(batches)[0])[0]
         zeros = [tf.constant(0.0) for _ in names]
 
@@ -581,8 +591,13 @@ class Engine:
             return (i + 1, applied_steps + tf.cast(applied, tf.float32),
                     [t + tf.where(applied, v, 0.0) for t, v in zip(applied_totals, values)],
                     [t + v for t, v in zip(totals, values)])
-        _, applied_steps, applied_totals, totals = tf.while_loop(
-            lambda i, *_: i < k, body, (tf.constant(0), tf.constant(0.0), zeros, zeros))
+        loop = (tf.constant(0), tf.constant(0.0), zeros, zeros)
+        if self.unroll_steps and leading is not None:
+            for _ in range(leading):
+                loop = body(*loop)
+            _, applied_steps, applied_totals, totals = loop
+        else:
+            _, applied_steps, applied_totals, totals = tf.while_loop(lambda i, *_: i < k, body, loop)
         if guarded:
             self._check_weights()
         return {name: tf.where(applied_steps > 0, applied_total / tf.maximum(applied_steps, 1.0),
