@@ -56,12 +56,13 @@ def scripted(monkeypatch, seconds: dict, order: list, calls_seen: dict):
 def test_candidates_are_timed_in_interleaved_rounds_and_keep_their_fastest_repeat(monkeypatch, quiet):
     ran, order = [], []
     calls = {name: (lambda name=name: ran.append(name)) for name in ("a", "b", "c")}
-    times = {"a": [0.30, 0.20, 0.21, 0.25], "b": [0.10, 0.11, 0.10, 0.12], "c": [0.5, 0.45, 0.46, 0.47]}
+    # the first figure of each: the call that sizes its repeats (all about as long as the longest: 1 call here)
+    times = {"a": [0.3, 0.30, 0.20, 0.21, 0.25], "b": [0.3, 0.10, 0.11, 0.10, 0.12], "c": [0.5, 0.5, 0.45, 0.46, 0.47]}
     monkeypatch.setattr(timing, "time_call", lambda fn, n=1: order.append(ran[-1] if fn() is None else "") or
                         times[ran[-1]].pop(0))
     timed = timing.interleaved(calls, budget=60, least=3, most=4)
     assert ran[:3] == ["a", "b", "c"]                       # one warm-up call each (it compiles) ...
-    assert order == ["a", "b", "c"] * 4                     # ... then A B C A B C, never A A A B B B
+    assert order == ["a", "b", "c"] * 5                     # ... then A B C A B C, never A A A B B B
     assert timed.seconds == {"a": 0.20, "b": 0.10, "c": 0.45} and timed.rounds == 4
     assert timed.spread["b"] == pytest.approx(0.0) and timed.spread["a"] == pytest.approx(0.05)
     assert timed.noise is None
@@ -70,7 +71,7 @@ def test_candidates_are_timed_in_interleaved_rounds_and_keep_their_fastest_repea
 
 def test_repeats_far_apart_or_a_busy_machine_make_a_timing_noisy(monkeypatch):
     monkeypatch.setattr(timing, "machine_cpu", lambda: None)
-    times = {"a": [0.10, 0.20, 0.13], "b": [0.10, 0.10, 0.10]}   # a's two fastest 30% apart
+    times = {"a": [0.1, 0.10, 0.20, 0.13], "b": [0.1, 0.10, 0.10, 0.10]}   # a's two fastest 30% apart
     monkeypatch.setattr(timing, "time_call", lambda fn, n=1: times[fn()].pop(0))
     timed = timing.interleaved({"a": lambda: "a", "b": lambda: "b"}, budget=60, least=3, most=3)
     assert timed.noise == "a repeats 30% apart"
@@ -84,12 +85,12 @@ def test_repeats_far_apart_or_a_busy_machine_make_a_timing_noisy(monkeypatch):
 
 
 def test_a_candidate_far_behind_leaves_the_race_and_its_noise_decides_nothing(monkeypatch, quiet):
-    times = {"fast": [0.1, 0.1, 0.1], "slow": [0.5, 0.9, 0.6]}
+    times = {"fast": [0.5, 0.5, 0.5, 0.5], "slow": [0.5, 2.5, 4.5, 3.0]}   # first: the sizing call (0.5 s each)
     order = []
     monkeypatch.setattr(timing, "time_call", lambda fn, n=1: order.append(fn()) or times[order[-1]].pop(0))
     timed = timing.interleaved({"fast": lambda: "fast", "slow": lambda: "slow"}, budget=60, least=3, most=3,
                                behind=2.0)
-    assert order == ["fast", "slow", "fast", "fast"] and timed.racing == ("fast",)
+    assert order == ["fast", "slow"] + ["fast", "slow", "fast", "fast"] and timed.racing == ("fast",)
     assert math.isinf(timed.spread["slow"]) and timed.noise is None
 
 
@@ -98,6 +99,20 @@ def test_a_short_call_is_repeated_within_one_timed_repeat(monkeypatch, quiet):
     monkeypatch.setattr(timing, "time_call", lambda fn, n=1: asked.append(n) or 0.001)
     timing.interleaved({"tiny": lambda: None}, budget=60, least=3, most=3)
     assert asked == [1, 20, 20, 20]   # 1 ms: sized once to 20 calls per repeat (REPEAT_SECONDS), then 3 rounds
+
+
+def test_every_candidates_repeat_lasts_about_as_long_as_the_longest_call(monkeypatch, quiet):
+    """The fastest of short windows is a luckier draw than the fastest of long ones: the race is kept even."""
+    asked = {"one step": [], "k steps": []}
+    seconds = {"one step": 0.04, "k steps": 0.5}
+
+    def time_call(fn, n=1):
+        name = fn()
+        asked[name].append(n)
+        return seconds[name]
+    monkeypatch.setattr(timing, "time_call", time_call)
+    timing.interleaved({name: (lambda name=name: name) for name in seconds}, budget=60, least=3, most=3)
+    assert asked["one step"] == [1] + [12] * 3 and asked["k steps"] == [1] * 4   # 12 x 40 ms ~ 0.5 s
 
 
 # --- the machine's peak -----------------------------------------------------------------------------------
@@ -255,7 +270,7 @@ def test_path_auto_times_interleaved_on_the_real_step_and_follows_the_injected_t
     trainer = fastcore.Trainer(mlp, keras.optimizers.SGD(0.01), loss=bce())
     trainer.feed(X, Y, batch_size=32)
     path = trainer._paths[32]
-    assert order == ["xla/1", "graph/1", "xla/K", "graph/K"] * pathchoice.MOST   # A B C D A B C D ...
+    assert order == ["xla/1", "graph/1", "xla/K", "graph/K"] * (1 + pathchoice.MOST)   # sizing, then A B C D A B C D ...
     assert (path.mode, path.steps_per_call) == ("graph", 1) and "timed now" in path.reason
     assert calibrate.cached(f"path/{path.key}") == path.rates
 

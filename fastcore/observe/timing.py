@@ -2,8 +2,12 @@
 
 A neighbour's load comes and goes: timing every repeat of A before any of B lets a burst land on one
 candidate, and that slow figure then decides. So candidates are timed in rounds, A B A B ... (after one call
-each that compiles), and each keeps its fastest repeat (load only ever slows a call down). A repeat of a short
-call runs it several times (REPEAT_SECONDS), so timer and scheduler jitter stays small beside it.
+each that compiles, and one that sizes the repeats), and each keeps its fastest repeat (load only ever slows a
+call down). Every candidate's repeat lasts about as long as the longest call (at least REPEAT_SECONDS): a
+short call runs several times in a row. The fastest of several short windows is a luckier draw than the
+fastest of as many long ones, and an unequal race picked the wrong path: the BN convnet's graph/1 (40 ms
+calls) timed 3,204 ex/s against graph/52's 2,827 (0.5 s calls), where the zoo's rounds of 0.5 s each read
+2,366 and 2,683.
 The timing judges itself noisy when
   - a candidate's two fastest repeats lie more than SPREAD apart (a neighbour came and went), or
   - other processes (and a hypervisor's steal) kept more than BUSY of the CPUs this process may use busy
@@ -25,7 +29,7 @@ from collections.abc import Callable
 
 SPREAD = 0.25          # the two fastest repeats of a candidate within 25% (a quiet 2-core VM: 11-17%)
 BUSY = 0.10            # other work on at most 10% of this process's CPUs while timing
-REPEAT_SECONDS = 0.02  # a repeat runs a short call this long at least
+REPEAT_SECONDS = 0.02  # a repeat runs for about the longest call, and at least about this long
 AGREE = (0.5, 1.5)     # a run's own steady rate within this factor of a cached timing's agrees with it
 
 
@@ -72,8 +76,10 @@ def interleaved(calls: dict[str, Callable[[], object]], budget: float, least: in
     for fn in calls.values():
         fn()
     before = machine_cpu()
+    probe = {name: time_call(fn) for name, fn in calls.items()}   # sizes the repeats, keeps no figure
+    window = max(REPEAT_SECONDS, *probe.values())
+    times = {name: max(1, round(window / max(seconds, 1e-9))) for name, seconds in probe.items()}
     timed = {name: [] for name in calls}
-    times = dict.fromkeys(calls, 1)
     racing = list(calls)
     rounds, rounds_start = 0, time.perf_counter()
     while rounds < most and not (rounds >= least and time.perf_counter() - rounds_start > budget):
@@ -81,11 +87,7 @@ def interleaved(calls: dict[str, Callable[[], object]], budget: float, least: in
             per_unit = {name: min(timed[name]) / (work[name] if work else 1) for name in racing}
             racing = [name for name in racing if per_unit[name] <= behind * min(per_unit.values())]
         for name in racing:
-            seconds = time_call(calls[name], times[name])
-            if not rounds and seconds < REPEAT_SECONDS:   # a short call: size its repeat, keep no figure
-                times[name] = math.ceil(REPEAT_SECONDS / max(seconds, 1e-9))
-                seconds = time_call(calls[name], times[name])
-            timed[name].append(seconds)
+            timed[name].append(time_call(calls[name], times[name]))
         rounds += 1
     spread = {name: (sorted(t)[1] / sorted(t)[0] - 1 if len(t) > 1 else math.inf) for name, t in timed.items()}
     return Timing({name: min(t) for name, t in timed.items()}, spread, tuple(racing), rounds,
