@@ -54,7 +54,8 @@ class Trainer:
         run's first batches, the fastest kept; see fastcore.engine.pathchoice) | xla
         (tf.function(jit_compile=True)) | graph (plain tf.function) | eager (the reference twin).
       steps_per_call: K optimizer steps per compiled call (default: about 8k examples, at most 128,
-        dividing the epoch; 1 for a convnet under mode="xla").
+        dividing the epoch; 1 for a convnet under mode="xla"; under XLA a convnet's steps on a CPU are
+        unrolled in the compiled call, not looped, so its compile time grows with K).
       seed: for fastcore's data order, `ctx.seed()` and the weights of factory-built models.
       preflight: compare compiled and eager on the first batch before training (default True).
       strategy: a tf.distribute.Strategy (default None: one device, no distribution code). Models are built
